@@ -1,0 +1,57 @@
+# Two commands on a fresh Linux machine with Python 3.11:
+#   make serve   set up, make the demo checkpoint if missing, run it
+#   make test    set up, run every test
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO ?= checkpoints/demo-small
+PROMPT ?= Mixture-of-Experts models route every token
+
+.PHONY: setup serve test redis clean
+
+setup: $(STAMP) redis
+
+# The venv. Without CUDA, torch==2.13.0 first: it resolves to the CPU build, where a
+# bare `torch` would pull several GB of CUDA packages. With an NVIDIA driver, pip's
+# default (CUDA) torch is what we want.
+$(STAMP): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "make: need python3.11 (or python3) on PATH"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "CUDA driver found: installing the default (CUDA) torch"; \
+	else \
+		echo "no CUDA: installing the CPU build torch==2.13.0"; \
+		$(BIN)/python -m pip install -q torch==2.13.0; \
+	fi
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+# redis-server: from the system packages when missing and we are root; else say how.
+redis:
+	@if ! command -v redis-server >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing redis-server from the system packages"; \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
+				|| { echo "make: apt-get install redis-server failed"; exit 1; }; \
+		else \
+			echo "make: redis-server is missing. Install it (Debian/Ubuntu: sudo apt-get install redis-server;"; \
+			echo "      Fedora: sudo dnf install redis; macOS: brew install redis) and run make again."; \
+			exit 1; \
+		fi; \
+	fi
+
+$(DEMO)/config.json: | $(STAMP)
+	$(BIN)/moectl make-checkpoint --family mixtral --preset small --out $(DEMO)
+
+# Until the serving path lands this runs the in-process reference model on a prompt.
+serve: setup $(DEMO)/config.json
+	$(BIN)/moectl run-reference --checkpoint $(DEMO) --max-tokens 32 "$(PROMPT)"
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) checkpoints .pytest_cache

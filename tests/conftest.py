@@ -1,8 +1,15 @@
 """Shared fixtures: small random-weight checkpoints, written by transformers and by moectl."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels are tested on CPU under the interpreter. triton.jit reads this when a
+    # kernel is decorated, so it must be set before any test imports experts.triton_moe.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from cluster.make_checkpoint import make_checkpoint
 

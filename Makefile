@@ -9,9 +9,15 @@ STAMP := $(VENV)/.installed
 DEMO ?= checkpoints/demo-small
 PROMPT ?= Mixture-of-Experts models route every token
 
-.PHONY: setup serve test redis clean
+.PHONY: setup serve test redis proto clean
 
-setup: $(STAMP) redis
+setup: $(STAMP) redis proto
+
+# Python modules generated from proto/elasticmoe/v1/*.proto, importable as elasticmoe.v1.
+PROTOS := $(wildcard proto/elasticmoe/v1/*.proto)
+proto: $(PROTOS:.proto=_pb2_grpc.py)
+proto/elasticmoe/v1/%_pb2_grpc.py: proto/elasticmoe/v1/%.proto $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto $<
 
 # The venv. Without CUDA, torch==2.13.0 first: it resolves to the CPU build, where a
 # bare `torch` would pull several GB of CUDA packages. With an NVIDIA driver, pip's

@@ -1,0 +1,48 @@
+"""Tensors on the wire: raw bytes with dtype and shape beside them (elasticmoe.v1.Tensor).
+
+Never pickle, never repeated float (DESIGN.md): a [t, H] fp32 tensor costs t*H*4 bytes
+plus a few bytes of header, and decodes with torch.frombuffer without parsing numbers.
+Decoding checks dtype, shape and byte count, so a malformed message is an error that
+names the field, never a crash or a huge allocation.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from elasticmoe.v1 import expert_pb2
+
+WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int32": torch.int32}
+NAME_OF = {v: k for k, v in WIRE_DTYPES.items()}
+MAX_DIMS = 4
+
+
+class WireError(ValueError):
+    """A tensor message that does not describe a valid tensor; the message names the field."""
+
+
+def encode(tensor: torch.Tensor) -> expert_pb2.Tensor:
+    if tensor.dtype not in NAME_OF:
+        raise WireError(f"dtype {tensor.dtype} cannot go on the wire (allowed: {', '.join(WIRE_DTYPES)})")
+    flat = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)  # bf16 has no numpy dtype: go by bytes
+    return expert_pb2.Tensor(dtype=NAME_OF[tensor.dtype], shape=list(tensor.shape), data=flat.numpy().tobytes())
+
+
+def decode(msg: expert_pb2.Tensor, field: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The tensor in msg; `field` names it in errors (e.g. "hidden")."""
+    if msg.dtype not in WIRE_DTYPES:
+        raise WireError(f"{field}.dtype must be one of {', '.join(WIRE_DTYPES)}, got {msg.dtype!r}")
+    shape = list(msg.shape)
+    if not 1 <= len(shape) <= MAX_DIMS or any(d < 0 for d in shape):
+        raise WireError(f"{field}.shape must have 1 to {MAX_DIMS} non-negative dims, got {shape}")
+    dtype = WIRE_DTYPES[msg.dtype]
+    expected = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    if len(msg.data) != expected:
+        raise WireError(f"{field}: shape {shape} of {msg.dtype} needs {expected} bytes, got {len(msg.data)}")
+    if expected == 0:
+        return torch.empty(shape, dtype=dtype, device=device)
+    with warnings.catch_warnings():  # the bytes are read-only; nothing writes into a decoded tensor
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(msg.data, dtype=torch.uint8)
+    return flat.view(dtype).reshape(shape).to(device)

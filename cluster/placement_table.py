@@ -1,0 +1,55 @@
+"""The placement table: which expert groups hold a replica of each (layer, expert).
+
+Routers read it to split tokens by group; the controller owns it and bumps `version`
+on every change. It is plain data (JSON in Redis), so a router never needs to ask
+the controller anything in the hot path.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from cluster.model_spec import ModelSpec
+
+
+class PlacementError(ValueError):
+    """A placement table that cannot serve the model; the message names the expert."""
+
+
+@dataclass(frozen=True)
+class PlacementTable:
+    version: int
+    groups: tuple[str, ...]  # group addresses "host:port"; a group's index is its id
+    replicas: dict[tuple[int, int], tuple[int, ...]] = field(default_factory=dict)  # (layer, expert) -> group ids
+
+    @classmethod
+    def round_robin(cls, spec: ModelSpec, groups: list[str], version: int = 1) -> "PlacementTable":
+        """Initial placement: expert e of every MoE layer on group e % G (each layer spread evenly)."""
+        if not groups:
+            raise PlacementError("a placement needs at least one expert group")
+        replicas = {(l, e): (e % len(groups),) for l in spec.sparse_layers for e in range(spec.num_experts)}
+        return cls(version, tuple(groups), replicas)
+
+    def slots_of(self, group: int) -> list[tuple[int, int]]:
+        """The (layer, expert) slots group `group` must hold, sorted."""
+        return sorted(slot for slot, gs in self.replicas.items() if group in gs)
+
+    def validate(self, spec: ModelSpec) -> None:
+        for layer in spec.sparse_layers:
+            for expert in range(spec.num_experts):
+                gs = self.replicas.get((layer, expert), ())
+                if not gs:
+                    raise PlacementError(f"expert {expert} of layer {layer} has no replica")
+                if len(set(gs)) != len(gs):
+                    raise PlacementError(f"expert {expert} of layer {layer} has two replicas on one group: {gs}")
+                if not all(0 <= g < len(self.groups) for g in gs):
+                    raise PlacementError(f"expert {expert} of layer {layer} names a group outside [0, {len(self.groups) - 1}]")
+
+    def to_json(self) -> str:
+        return json.dumps({"version": self.version, "groups": list(self.groups),
+                           "replicas": [[l, e, list(gs)] for (l, e), gs in sorted(self.replicas.items())]})
+
+    @classmethod
+    def from_json(cls, text: str) -> "PlacementTable":
+        d = json.loads(text)
+        return cls(d["version"], tuple(d["groups"]), {(l, e): tuple(gs) for l, e, gs in d["replicas"]})

@@ -17,6 +17,12 @@ WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": 
 NAME_OF = {v: k for k, v in WIRE_DTYPES.items()}
 MAX_DIMS = 4
 
+# gRPC's default 4 MiB message cap is one bf16 [512, 4096] hidden batch: too small for a
+# prefill. Expert servers and the routers' channels both use these.
+MAX_MESSAGE_BYTES = 256 * 2**20
+GRPC_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+
 
 class WireError(ValueError):
     """A tensor message that does not describe a valid tensor; the message names the field."""

@@ -1,0 +1,258 @@
+"""ExpertServicer: the expert stage of one group, behind elasticmoe.v1.ExpertService.
+
+t = tokens sent to this group, k = experts per token, H = hidden, E = experts per
+layer, S_l = slots this group holds of layer l.
+
+  ForwardRequest(layer, hidden [t, H], expert_ids [t, k], weights [t, k])
+    -> decode and check             bad tensor / shape / dtype -> INVALID_ARGUMENT
+    -> expert id -> local slot      an expert not held here    -> FAILED_PRECONDITION
+    -> moe_forward in a worker thread (the event loop keeps serving other calls)
+    -> ForwardResponse(output [t, H])
+
+What the group holds is one immutable snapshot, layer -> LayerExperts. Load and
+Unload build a new snapshot and swap it in with one assignment; a Forward reads
+self._held once, so it sees the slots from before a swap or after it, never a mix.
+Dropped weights are freed when the last Forward that read the old snapshot ends.
+The expert math lives in experts.kernel; this file only maps, checks and counts.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import grpc
+import torch
+from elasticmoe.v1 import expert_pb2, expert_pb2_grpc
+
+from cluster.checkpoint import Checkpoint, CheckpointError
+from experts.config import ExpertGroupConfig
+from experts.kernel import moe_forward
+from experts.weights import ExpertWeights
+from experts.wire import NAME_OF, WireError, decode, encode
+
+log = logging.getLogger(__name__)
+
+Slot = tuple[int, int]  # (layer, expert)
+Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gate [F, H], up [F, H], down [H, F]
+
+
+@dataclass(frozen=True)
+class LayerExperts:
+    """The experts of one layer held here, stacked for the kernel."""
+
+    experts: tuple[int, ...]  # local slot -> expert id, ascending
+    weights: ExpertWeights  # [S_l, ...] on the group's device
+    slot_of: torch.Tensor  # [E] int64 on cpu: expert id -> local slot, -1 = not held
+
+    def per_expert(self) -> dict[int, Triple]:
+        """Views into the stack, one triple per expert: the input to a rebuild."""
+        w = self.weights
+        return {e: (w.w_gate[i], w.w_up[i], w.w_down[i]) for i, e in enumerate(self.experts)}
+
+
+def stack_layer(per_expert: dict[int, Triple], num_experts: int) -> LayerExperts:
+    experts = tuple(sorted(per_expert))
+    weights = ExpertWeights.stack([per_expert[e] for e in experts])  # copies: no view of the old stack survives
+    slot_of = torch.full((num_experts,), -1, dtype=torch.int64)
+    slot_of[list(experts)] = torch.arange(len(experts))
+    return LayerExperts(experts, weights, slot_of)
+
+
+def held_slots(held: dict[int, LayerExperts]) -> list[Slot]:
+    return sorted((layer, e) for layer, le in held.items() for e in le.experts)
+
+
+def held_bytes(held: dict[int, LayerExperts]) -> int:
+    return sum(le.weights.nbytes for le in held.values())
+
+
+def slot_messages(slots) -> list[expert_pb2.Slot]:
+    return [expert_pb2.Slot(layer=layer, expert=expert) for layer, expert in slots]
+
+
+class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
+    """Serves the slots of one group. Build with `await ExpertServicer.create(config)`."""
+
+    def __init__(self, config: ExpertGroupConfig):
+        self.config = config
+        self.device = config.resolve_device()
+        self.dtype = config.resolve_dtype(self.device)
+        self.checkpoint = Checkpoint(config.checkpoint)  # reads config.json and the index only
+        self.spec = self.checkpoint.spec
+        self._held: dict[int, LayerExperts] = {}  # replaced whole, never mutated (see module doc)
+        self._swap_lock = asyncio.Lock()  # one Load/Unload at a time, so none builds on a stale snapshot
+        self._tokens: Counter[Slot] = Counter()  # (token, expert) pairs served, cumulative
+        self._busy_s = 0.0
+        self._forward_calls = 0
+        self._in_flight = 0
+
+    @classmethod
+    async def create(cls, config: ExpertGroupConfig) -> "ExpertServicer":
+        servicer = cls(config)
+        await servicer.load(config.slots)
+        return servicer
+
+    # ---- held weights -------------------------------------------------------------
+
+    @property
+    def slots(self) -> list[Slot]:
+        return held_slots(self._held)
+
+    @property
+    def loaded_bytes(self) -> int:
+        return held_bytes(self._held)
+
+    async def load(self, slots: list[Slot]) -> dict[int, LayerExperts]:
+        """Load the slots not yet held; all or nothing. Raises CheckpointError on a bad slot."""
+        async with self._swap_lock:
+            held = self._held
+            have = set(held_slots(held))
+            new = sorted({(int(layer), int(expert)) for layer, expert in slots} - have)
+            if new:
+                start, before = time.monotonic(), held_bytes(held)
+                self._held = await asyncio.to_thread(self._with_loaded, held, new)  # reads files: off the loop
+                log.info("group %s loaded %d slot(s) %s: +%.2f MiB, now %d slots, %.2f MiB, in %.3f s",
+                         self.config.name, len(new), new, (self.loaded_bytes - before) / 2**20,
+                         len(self.slots), self.loaded_bytes / 2**20, time.monotonic() - start)
+            return self._held
+
+    async def unload(self, slots: list[Slot]) -> dict[int, LayerExperts]:
+        """Drop the given slots; a slot not held is ignored."""
+        async with self._swap_lock:
+            held = self._held
+            drop = sorted({(int(layer), int(expert)) for layer, expert in slots} & set(held_slots(held)))
+            if drop:
+                start, before = time.monotonic(), held_bytes(held)
+                self._held = await asyncio.to_thread(self._without, held, drop)
+                del held  # our reference to the old snapshot; in-flight Forwards hold theirs until they end
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()  # hand freed blocks back, so the device's memory use shows it
+                log.info("group %s unloaded %d slot(s) %s: -%.2f MiB, now %d slots, %.2f MiB, in %.3f s",
+                         self.config.name, len(drop), drop, (before - self.loaded_bytes) / 2**20,
+                         len(self.slots), self.loaded_bytes / 2**20, time.monotonic() - start)
+            return self._held
+
+    def _with_loaded(self, held: dict[int, LayerExperts], new: list[Slot]) -> dict[int, LayerExperts]:
+        added: dict[int, dict[int, Triple]] = defaultdict(dict)
+        for layer, expert in new:  # only these tensors are read from the checkpoint
+            triple = self.checkpoint.load_expert(layer, expert, self.dtype)
+            added[layer][expert] = tuple(t.to(self.device) for t in triple)
+        out = dict(held)
+        for layer, experts in added.items():
+            old = held[layer].per_expert() if layer in held else {}
+            out[layer] = stack_layer({**old, **experts}, self.spec.num_experts)
+        return out
+
+    def _without(self, held: dict[int, LayerExperts], drop: list[Slot]) -> dict[int, LayerExperts]:
+        out = dict(held)
+        for layer in {layer for layer, _ in drop}:
+            gone = {e for l, e in drop if l == layer}
+            keep = {e: w for e, w in held[layer].per_expert().items() if e not in gone}
+            if keep:
+                out[layer] = stack_layer(keep, self.spec.num_experts)
+            else:
+                del out[layer]
+        return out
+
+    # ---- Forward --------------------------------------------------------------------
+
+    async def Forward(self, request, context):
+        self._in_flight += 1
+        try:
+            return await self._forward(request, context)
+        finally:
+            self._in_flight -= 1
+
+    async def _forward(self, request, context):
+        held = self._held  # one snapshot for the whole call
+        try:
+            hidden = decode(request.hidden, "hidden")  # [t, H]
+            expert_ids = decode(request.expert_ids, "expert_ids")  # [t, k] int32
+            weights = decode(request.weights, "weights")  # [t, k] float32
+        except WireError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        problem = self._check(request.layer, hidden, expert_ids, weights)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+
+        layer = held.get(request.layer)
+        valid = expert_ids >= 0
+        if layer is None:
+            slot_ids = torch.full_like(expert_ids, -1, dtype=torch.int64)
+        else:
+            slot_ids = torch.where(valid, layer.slot_of[expert_ids.clamp(min=0).long()], -1)  # [t, k]
+        missing = sorted(set(expert_ids[valid & (slot_ids < 0)].tolist()))
+        if missing:
+            # the router's placement is older than this group's slots: it re-plans and retries
+            pairs = ", ".join(f"({request.layer}, {e})" for e in missing)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"group {self.config.name} does not hold (layer, expert) {pairs}; "
+                                f"placement_version {request.placement_version} is stale")
+
+        output, counts, busy_s = await asyncio.to_thread(self._compute, layer, hidden, slot_ids, weights)
+        if layer is not None:
+            for expert, n in zip(layer.experts, counts):
+                if n:
+                    self._tokens[(request.layer, expert)] += n
+        self._busy_s += busy_s
+        self._forward_calls += 1
+        return expert_pb2.ForwardResponse(output=output)
+
+    def _check(self, layer: int, hidden, expert_ids, weights) -> str | None:
+        """What is wrong with a decoded request, naming the field; None when it is well formed."""
+        H, E = self.spec.hidden_size, self.spec.num_experts
+        if not self.spec.is_sparse(layer):
+            return f"layer {layer} is not an MoE layer of this model (sparse layers: {list(self.spec.sparse_layers)})"
+        if hidden.dim() != 2 or hidden.shape[1] != H:
+            return f"hidden must be [t, H={H}], got shape {list(hidden.shape)}"
+        if hidden.dtype != self.dtype:
+            return f"hidden.dtype must be {NAME_OF[self.dtype]} (this group's dtype), got {NAME_OF[hidden.dtype]}"
+        t = hidden.shape[0]
+        if expert_ids.dtype != torch.int32:
+            return f"expert_ids.dtype must be int32, got {NAME_OF[expert_ids.dtype]}"
+        if expert_ids.dim() != 2 or expert_ids.shape[0] != t:
+            return f"expert_ids must be [t={t}, k] like hidden, got shape {list(expert_ids.shape)}"
+        if weights.dtype != torch.float32:
+            return f"weights.dtype must be float32, got {NAME_OF[weights.dtype]}"
+        if weights.shape != expert_ids.shape:
+            return f"weights must have expert_ids' shape {list(expert_ids.shape)}, got {list(weights.shape)}"
+        if expert_ids.numel() and (expert_ids.min() < -1 or expert_ids.max() >= E):
+            return f"expert_ids must be in [-1, {E - 1}], got values in [{expert_ids.min()}, {expert_ids.max()}]"
+        return None
+
+    def _compute(self, layer: LayerExperts | None, hidden, slot_ids, weights):
+        """Runs in a worker thread: (output message, tokens per local slot, seconds)."""
+        start = time.perf_counter()
+        if layer is None:  # nothing of this layer here and every id is -1: a zero contribution
+            out, counts = torch.zeros_like(hidden), []
+        else:
+            out = moe_forward(hidden.to(self.device), slot_ids.to(self.device), weights.to(self.device),
+                              layer.weights, self.config.backend)  # [t, H]
+            counts = torch.bincount(slot_ids[slot_ids >= 0], minlength=len(layer.experts)).tolist()
+        message = encode(out)  # copies to host, which waits for the device: busy_s is real compute time
+        return message, counts, time.perf_counter() - start
+
+    # ---- Load / Unload / Stats ------------------------------------------------------
+
+    async def LoadExperts(self, request, context):
+        try:
+            held = await self.load([(s.layer, s.expert) for s in request.slots])
+        except CheckpointError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return expert_pb2.LoadExpertsResponse(slots=slot_messages(held_slots(held)), loaded_bytes=held_bytes(held))
+
+    async def UnloadExperts(self, request, context):
+        held = await self.unload([(s.layer, s.expert) for s in request.slots])
+        return expert_pb2.UnloadExpertsResponse(slots=slot_messages(held_slots(held)), loaded_bytes=held_bytes(held))
+
+    async def Stats(self, request, context):
+        # slots held now, plus slots dropped since start that served tokens (counts are cumulative)
+        slots = sorted(set(self.slots) | set(self._tokens))
+        return expert_pb2.StatsResponse(
+            slots=[expert_pb2.SlotStats(slot=expert_pb2.Slot(layer=layer, expert=expert),
+                                        tokens=self._tokens[(layer, expert)]) for layer, expert in slots],
+            busy_s=self._busy_s, queue_depth=self._in_flight, forward_calls=self._forward_calls,
+            device=str(self.device), loaded_bytes=self.loaded_bytes)

@@ -1,0 +1,102 @@
+"""The model served across processes' worth of gRPC equals the in-process reference.
+
+Dense part in this process (as the router will run it), experts in expert-group gRPC
+servers over loopback, placed round-robin over 1, 2 and 3 groups, for each family.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from cluster.checkpoint import Checkpoint
+from cluster.placement_table import PlacementTable
+from experts.config import ExpertGroupConfig
+from experts.group import serve_group
+from router_service.dense import DenseModel
+from router_service.dispatch import DispatchError, RemoteExperts
+from router_service.model import ReferenceModel
+
+
+class Groups:
+    """G expert-group servers on a private event loop in a background thread."""
+
+    def __init__(self, checkpoint, table_slots: list[list[tuple[int, int]]]):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        started = [self._run(serve_group(ExpertGroupConfig(str(checkpoint), slots, device="cpu", name=f"g{i}")))
+                   for i, slots in enumerate(table_slots)]
+        self.servers = [s for s, _ in started]
+        self.addresses = [a for _, a in started]
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
+
+    def close(self):
+        for server in self.servers:
+            self._run(server.stop(0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def distributed_model(path, num_groups: int):
+    ckpt = Checkpoint(path)
+    table = PlacementTable.round_robin(ckpt.spec, [f"pending:{g}" for g in range(num_groups)])
+    groups = Groups(path, [table.slots_of(g) for g in range(num_groups)])
+    table = PlacementTable(table.version, tuple(groups.addresses), table.replicas)
+    remote = RemoteExperts(ckpt.spec, table)
+    dense = DenseModel(ckpt.spec, ckpt.load_dense(torch.float32))
+    return ReferenceModel(dense, remote), remote, groups, ckpt
+
+
+@pytest.mark.parametrize("num_groups", [1, 2, 3])
+def test_greedy_tokens_and_logits_equal_reference(hf_checkpoint, num_groups):
+    _, path, _ = hf_checkpoint
+    reference = ReferenceModel.from_pretrained(path)
+    model, remote, groups, ckpt = distributed_model(path, num_groups)
+    try:
+        assert ckpt.loaded_bytes < reference.loaded_bytes  # the router side holds no expert
+        ids = torch.randint(0, ckpt.spec.vocab_size, (2, 11), generator=torch.Generator().manual_seed(5))
+        assert (model(ids) - reference(ids)).abs().max().item() <= 1e-4
+        prompt = ids[0, :6].tolist()
+        assert model.generate_greedy(prompt, 10) == reference.generate_greedy(prompt, 10)
+    finally:
+        remote.close()
+        groups.close()
+
+
+def test_replicas_share_an_experts_tokens(tiny_checkpoint):
+    """Every expert on both groups: tokens alternate between replicas, the sum is unchanged."""
+    ckpt = Checkpoint(tiny_checkpoint)
+    everything = [(l, e) for l in ckpt.spec.sparse_layers for e in range(ckpt.spec.num_experts)]
+    groups = Groups(tiny_checkpoint, [everything, everything])
+    table = PlacementTable(2, tuple(groups.addresses), {slot: (0, 1) for slot in everything})
+    remote = RemoteExperts(ckpt.spec, table)
+    try:
+        reference = ReferenceModel.from_pretrained(tiny_checkpoint)
+        model = ReferenceModel(DenseModel(ckpt.spec, ckpt.load_dense()), remote)
+        ids = torch.randint(0, ckpt.spec.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
+        assert (model(ids) - reference(ids)).abs().max().item() <= 1e-4
+    finally:
+        remote.close()
+        groups.close()
+
+
+def test_group_that_lacks_an_expert_is_a_clear_error(tiny_checkpoint):
+    """A placement that disagrees with what a group holds fails with the group's status."""
+    ckpt = Checkpoint(tiny_checkpoint)
+    groups = Groups(tiny_checkpoint, [[(0, 0)]])
+    table = PlacementTable.round_robin(ckpt.spec, groups.addresses)  # claims group 0 holds everything
+    remote = RemoteExperts(ckpt.spec, table)
+    try:
+        x = torch.randn(3, ckpt.spec.hidden_size)
+        ids = torch.tensor([[0, 1], [0, 2], [3, 0]])
+        with pytest.raises(DispatchError, match="FAILED_PRECONDITION") as err:
+            remote(0, x, ids, torch.full((3, 2), 0.5))
+        assert err.value.address == groups.addresses[0]
+    finally:
+        remote.close()
+        groups.close()

@@ -88,10 +88,13 @@ class DenseModel:
         w = lambda n: self._w(layer, f"mlp.{n}.weight")
         return swiglu(x, w("gate_proj"), w("up_proj"), w("down_proj"))
 
-    def forward(self, input_ids: torch.Tensor, segments: Sequence[Segment], experts: ExpertsFn) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, segments: Sequence[Segment], experts: ExpertsFn,
+                logit_rows: torch.Tensor | None = None) -> torch.Tensor:
         """One step over the new tokens of several sequences: input_ids [T] -> logits [T, V].
 
         The tokens of segment i are rows [sum(len[:i]), sum(len[:i+1])) of input_ids.
+        With logit_rows [R], only those rows go through the LM head: logits [R, V]
+        (a prefill chunk needs one row, not one per prompt token).
         """
         s = self.spec
         assert input_ids.shape[0] == sum(seg.length for seg in segments)
@@ -114,5 +117,7 @@ class DenseModel:
             h = h + ffn
         for seg in segments:
             seg.cache.advance(seg.length)
+        if logit_rows is not None:
+            h = h[logit_rows]
         h = rms_norm(h, self.t["model.norm.weight"], s.rms_norm_eps)
-        return F.linear(h, self.lm_head)  # [T, V]
+        return F.linear(h, self.lm_head)  # [T or R, V]

@@ -90,8 +90,15 @@ def cmd_bench_kernel(args) -> int:
     return bench_kernel.run(args)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Flag errors as one line, like every other moectl error (subcommand parsers inherit this)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moectl", description="Elastic serving of Mixture-of-Experts models on Ray.")
+    parser = _Parser(prog="moectl", description="Elastic serving of Mixture-of-Experts models on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

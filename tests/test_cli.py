@@ -76,7 +76,7 @@ def test_unsupported_architecture_and_corrupt_header(tiny_checkpoint, tmp_path):
 
 def test_argparse_rejects_bad_choices():
     r = moectl("run-reference", "--checkpoint", "x", "--dtype", "int8", "p")
-    assert r.returncode == 2 and "invalid choice: 'int8'" in r.stderr
+    assert r.returncode == 2 and "invalid choice: 'int8'" in r.stderr and r.stderr.count("\n") == 1
     r = moectl("make-checkpoint", "--family", "llama", "--preset", "tiny", "--out", "x")
     assert r.returncode == 2 and "invalid choice: 'llama'" in r.stderr
 

@@ -57,8 +57,8 @@ class Engine:
 
     async def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Event]:
         """Events of one request as they come; the last has finish_reason set."""
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        seq = self.submit(prompt, params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        queue = asyncio.Queue()
+        seq = self.submit(prompt, params, _emitter(queue))
         try:
             while True:
                 event = await queue.get()
@@ -77,9 +77,8 @@ class Engine:
         return []
 
     async def generate_scores(self, token_ids: list[int]) -> AsyncIterator[Event]:
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        seq = self.submit(token_ids, SamplingParams(max_tokens=1),
-                          lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev), score_only=True)
+        queue = asyncio.Queue()
+        seq = self.submit(token_ids, SamplingParams(max_tokens=1), _emitter(queue), score_only=True)
         try:
             event = await queue.get()
             if event.error is not None:
@@ -157,3 +156,16 @@ class Engine:
         if reason is not None:
             self.scheduler.finish(seq)
         seq.emit(Event([] if stop else [token], [] if stop else [logprob], reason))
+
+
+def _emitter(queue: asyncio.Queue):
+    """Hand events from the engine thread to the caller's loop; a caller gone with its loop is ignored."""
+    loop = asyncio.get_running_loop()
+
+    def emit(event: Event) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+        except RuntimeError:  # the loop closed: the client went away and its sequence is cancelled
+            pass
+
+    return emit

@@ -57,7 +57,11 @@ class RemoteExperts:
         self.set_table(table)
 
     def set_table(self, table: PlacementTable) -> None:
-        """Switch to a new placement; the router calls this between steps, never inside one."""
+        """Switch to a new placement at the next step boundary (any thread may call this).
+
+        The new routes are adopted when a step reaches its first MoE layer, so the layers
+        of one step never mix two placements; the old replicas stay loaded until drained.
+        """
         table.validate(self.spec)
         groups, counts = {}, {}
         for layer in self.spec.sparse_layers:
@@ -66,7 +70,13 @@ class RemoteExperts:
             groups[layer] = torch.tensor([[r[i % len(r)] for i in range(width)] for r in reps])
             counts[layer] = torch.tensor([len(r) for r in reps])
         self._run(self._connect(table.groups))
-        self._routes = _Routes(table, groups, counts)
+        self._pending = _Routes(table, groups, counts)
+        if not hasattr(self, "_routes"):
+            self._routes = self._pending
+
+    @property
+    def table(self) -> PlacementTable:
+        return self._routes.table
 
     async def _connect(self, addresses) -> None:
         for address in addresses:
@@ -79,6 +89,8 @@ class RemoteExperts:
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], ids [T, k], weights [T, k] -> sum of weighted expert outputs [T, H]."""
+        if layer == self.spec.sparse_layers[0]:
+            self._routes = self._pending  # a step boundary
         return self._run(self._forward(self._routes, layer, x, ids, weights))
 
     async def _forward(self, routes: _Routes, layer, x, ids, weights) -> torch.Tensor:

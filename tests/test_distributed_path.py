@@ -64,3 +64,24 @@ def test_group_that_lacks_an_expert_is_a_clear_error(tiny_checkpoint):
     finally:
         remote.close()
         groups.close()
+
+
+def test_new_placement_is_adopted_at_a_step_boundary(tiny_checkpoint):
+    ckpt = Checkpoint(tiny_checkpoint)
+    everything = [(l, e) for l in ckpt.spec.sparse_layers for e in range(ckpt.spec.num_experts)]
+    groups = Groups(tiny_checkpoint, [everything, everything])
+    first = PlacementTable.round_robin(ckpt.spec, [groups.addresses[0]])
+    second = PlacementTable.round_robin(ckpt.spec, [groups.addresses[1]], version=2)
+    remote = RemoteExperts(ckpt.spec, first)
+    try:
+        x, ids, w = torch.randn(2, ckpt.spec.hidden_size), torch.tensor([[0, 1], [2, 3]]), torch.full((2, 2), 0.5)
+        last_layer = ckpt.spec.sparse_layers[-1]
+        remote(ckpt.spec.sparse_layers[0], x, ids, w)
+        remote.set_table(second)
+        remote(last_layer, x, ids, w)  # mid-step: still the old placement
+        assert remote.table.version == 1
+        remote(ckpt.spec.sparse_layers[0], x, ids, w)  # next step
+        assert remote.table.version == 2
+    finally:
+        remote.close()
+        groups.close()

@@ -216,6 +216,8 @@ class MoEClient(_Base):
             delivered = False
             try:
                 for response in call:
+                    if not response.token_ids and not response.finish_reason:
+                        continue  # carries nothing (the router sends one before an error status)
                     delivered = True
                     yield _chunk(response, logprobs)
                 return
@@ -284,6 +286,8 @@ class AsyncMoEClient(_Base):
             delivered = False
             try:
                 async for response in call:
+                    if not response.token_ids and not response.finish_reason:
+                        continue  # carries nothing (the router sends one before an error status)
                     delivered = True
                     yield _chunk(response, logprobs)
                 return

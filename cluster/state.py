@@ -1,0 +1,196 @@
+"""Cluster state in Redis: the placement table and the expert-group registry.
+
+    controller --publish_placement(v)--> MULTI  SET {ns}:placement <json v>
+                                                SET {ns}:placement:version v
+                                                PUBLISH {ns}:placement:changes v   EXEC
+    router     --subscribe_placement()-> message "v" -> load_placement() -> switch at a step boundary
+    controller --register_group()------> HSET {ns}:groups name {"address", "slots", "updated_at"}
+
+Keys ({ns} is the namespace, "elasticmoe" by default; several clusters can share one
+Redis under different namespaces):
+
+| key | type | meaning |
+|---|---|---|
+| `{ns}:placement` | string | the current PlacementTable as JSON (`PlacementTable.to_json`): version, group addresses, (layer, expert) -> group ids |
+| `{ns}:placement:version` | string (int) | the version of `{ns}:placement`; only ever increases |
+| `{ns}:placement:changes` | pub/sub channel | one message per published placement; the payload is the new version as a decimal string |
+| `{ns}:groups` | hash | expert group name -> JSON `{"address": "host:port", "slots": [[layer, expert], ...], "updated_at": unix seconds}` |
+
+Why the version has its own key: a router polls it with one cheap GET (and compares
+an int) instead of fetching and parsing the whole table. Why the write is one MULTI
+with the PUBLISH last: a reader never sees a table without its version or a version
+without its table, and a subscriber woken by the message always finds that table
+(or a newer one) in place; the controller cannot die between the write and the
+notification. Pub/sub is fire-and-forget: a router that was disconnected misses
+messages, so routers also poll `{ns}:placement:version` now and then.
+
+Credentials travel in the URL (`redis://:password@host:6379/0`, `rediss://` for TLS).
+Log the URL only through redact_url().
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis
+
+from cluster.placement_table import PlacementTable
+
+log = logging.getLogger(__name__)
+
+URL_SCHEMES = ("redis", "rediss", "unix")
+SOCKET_TIMEOUT_S = 5.0  # a control-plane call that hangs longer than this means Redis is gone, not slow
+PUBSUB_HEALTH_CHECK_S = 10  # redis-py pings an idle subscription this often, so a dead connection is noticed
+
+
+class ClusterStateError(RuntimeError):
+    """Redis holds something this code cannot read, or refused a write; the message names the key."""
+
+
+class StaleVersionError(ClusterStateError):
+    """publish_placement got a version not greater than the one in Redis (another writer is ahead)."""
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password (userinfo or ?password=) replaced by ***, safe for logs."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, hostport = netloc.rsplit("@", 1)
+            user, has_password, _ = userinfo.partition(":")
+            # redis://secret@host: redis-py reads a lone userinfo as the password, so hide it too
+            netloc = f"{user}:***@{hostport}" if has_password else f"***@{hostport}"
+        query = parts.query
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*")
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:  # unparsable (a bad port, say): show only the scheme, never the rest
+        return url.split(":", 1)[0] + "://<unparsable>"
+
+
+def check_url(url: str) -> None:
+    """Raise ValueError unless url is a Redis URL redis-py can dial."""
+    if not isinstance(url, str) or urlsplit(url).scheme not in URL_SCHEMES:
+        shown = redact_url(url) if isinstance(url, str) else repr(url)
+        raise ValueError(f"redis_url must start with one of {', '.join(s + '://' for s in URL_SCHEMES)}, got {shown}")
+
+
+class ClusterState:
+    """The Redis schema above, over a synchronous redis-py client. Not shared across processes."""
+
+    def __init__(self, redis_url: str, namespace: str = "elasticmoe"):
+        check_url(redis_url)
+        if not isinstance(namespace, str) or not namespace or ":" in namespace:
+            raise ValueError(f"namespace must be a non-empty string without ':', got {namespace!r}")
+        self.namespace = namespace
+        self.url_for_logs = redact_url(redis_url)
+        self.client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=SOCKET_TIMEOUT_S,
+                                           socket_connect_timeout=SOCKET_TIMEOUT_S,
+                                           health_check_interval=PUBSUB_HEALTH_CHECK_S)
+        self.placement_key = f"{namespace}:placement"
+        self.version_key = f"{namespace}:placement:version"
+        self.changes_channel = f"{namespace}:placement:changes"
+        self.groups_key = f"{namespace}:groups"
+
+    def close(self) -> None:
+        self.client.close()
+
+    # ---- placement ------------------------------------------------------------------
+
+    def placement_version(self) -> int:
+        """The stored placement version; 0 when none was ever published."""
+        raw = self.client.get(self.version_key)
+        if raw is None:
+            return 0
+        try:
+            return int(raw)
+        except ValueError:
+            raise ClusterStateError(f"{self.version_key} in {self.url_for_logs} holds {raw!r}, not an int") from None
+
+    def publish_placement(self, table: PlacementTable) -> None:
+        """Store table and notify subscribers, atomically. Raises StaleVersionError unless
+        table.version is greater than the stored version."""
+        with self.client.pipeline(transaction=True) as pipe:
+            # WATCH makes compare-then-write atomic: if another writer bumps the version between
+            # our GET and EXEC, EXEC fails and we compare again against its version.
+            while True:
+                try:
+                    pipe.watch(self.version_key)
+                    stored = pipe.get(self.version_key)
+                    stored = int(stored) if stored is not None else 0
+                    if table.version <= stored:
+                        raise StaleVersionError(
+                            f"placement version {table.version} is not greater than version {stored} already in "
+                            f"{self.version_key} ({self.url_for_logs}); publish version {stored + 1} or later")
+                    pipe.multi()
+                    pipe.set(self.placement_key, table.to_json())
+                    pipe.set(self.version_key, table.version)
+                    pipe.publish(self.changes_channel, str(table.version))
+                    pipe.execute()
+                    break
+                except redis.WatchError:
+                    continue
+        log.info("published placement version %d (%d groups) to %s", table.version, len(table.groups),
+                 self.url_for_logs)
+
+    def load_placement(self) -> PlacementTable | None:
+        """The current table, or None when none was published."""
+        text = self.client.get(self.placement_key)
+        if text is None:
+            return None
+        try:
+            return PlacementTable.from_json(text)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ClusterStateError(f"{self.placement_key} in {self.url_for_logs} is not a placement table: {e}") from e
+
+    def subscribe_placement(self) -> redis.client.PubSub:
+        """A PubSub subscribed to {ns}:placement:changes, for a router to poll:
+
+            sub = state.subscribe_placement()
+            msg = sub.get_message(timeout=1.0)   # None, or {"type": "message", "data": "<version>", ...}
+            if msg is not None and int(msg["data"]) > my_version:
+                table = state.load_placement()   # may be newer than msg["data"]: use table.version
+            ...
+            sub.close()
+
+        Returns once Redis has confirmed the subscription, so every placement published after
+        this call is delivered. Use get_message(timeout=...), not listen(): the socket timeout
+        would end a blocking listen() on a quiet channel. Messages sent while disconnected
+        are lost; poll placement_version() too."""
+        sub = self.client.pubsub()
+        sub.subscribe(self.changes_channel)
+        # Read the confirmation here: left queued, it would make the caller's first
+        # get_message() return None at once, which reads as "nothing published".
+        confirmed = sub.get_message(timeout=SOCKET_TIMEOUT_S)
+        if confirmed is None or confirmed["type"] != "subscribe":
+            sub.close()
+            raise ClusterStateError(f"{self.url_for_logs} did not confirm SUBSCRIBE {self.changes_channel} "
+                                    f"within {SOCKET_TIMEOUT_S} s (got {confirmed!r})")
+        sub.ignore_subscribe_messages = True
+        return sub
+
+    # ---- expert groups --------------------------------------------------------------
+
+    def register_group(self, name: str, address: str, slots) -> None:
+        """Record (or overwrite) where group `name` serves and which (layer, expert) slots it holds."""
+        entry = {"address": address, "slots": [[int(l), int(e)] for l, e in slots], "updated_at": time.time()}
+        self.client.hset(self.groups_key, name, json.dumps(entry))
+
+    def unregister_group(self, name: str) -> None:
+        self.client.hdel(self.groups_key, name)
+
+    def groups(self) -> dict[str, dict]:
+        """name -> {"address": str, "slots": [(layer, expert), ...], "updated_at": float}."""
+        out = {}
+        for name, text in self.client.hgetall(self.groups_key).items():
+            try:
+                entry = json.loads(text)
+                out[name] = {"address": entry["address"], "slots": [tuple(s) for s in entry["slots"]],
+                             "updated_at": float(entry["updated_at"])}
+            except (ValueError, KeyError, TypeError) as e:
+                raise ClusterStateError(f"{self.groups_key}[{name!r}] in {self.url_for_logs} is malformed: {e}") from e
+        return out

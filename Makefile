@@ -1,5 +1,5 @@
 # Two commands on a fresh Linux machine with Python 3.11:
-#   make serve   set up, make the demo checkpoint if missing, run it
+#   make serve   set up, make the demo checkpoint if missing, serve it on port 9000
 #   make test    set up, run every test
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -7,7 +7,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO ?= checkpoints/demo-small
-PROMPT ?= Mixture-of-Experts models route every token
 
 .PHONY: setup serve test redis proto clean
 
@@ -52,9 +51,12 @@ redis:
 $(DEMO)/config.json: | $(STAMP)
 	$(BIN)/moectl make-checkpoint --family mixtral --preset small --out $(DEMO)
 
-# Until the serving path lands this runs the in-process reference model on a prompt.
+# The service on the demo checkpoint: 2 expert groups, gRPC on $(PORT); Ctrl-C stops it.
+# From a second terminal: .venv/bin/moectl generate --address 127.0.0.1:$(PORT) "prompt"
+PORT ?= 9000
+GROUPS ?= 2
 serve: setup $(DEMO)/config.json
-	$(BIN)/moectl run-reference --checkpoint $(DEMO) --max-tokens 32 "$(PROMPT)"
+	$(BIN)/moectl serve --checkpoint $(DEMO) --groups $(GROUPS) --port $(PORT)
 
 test: setup
 	$(BIN)/python -m pytest -q tests

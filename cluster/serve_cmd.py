@@ -14,6 +14,8 @@ import threading
 
 log = logging.getLogger(__name__)
 
+CHECK_GROUPS_S = 2.0  # how often the foreground process asks the controller to check its groups
+
 
 def add_arguments(p) -> None:
     p.add_argument("--checkpoint", required=True, help="Hugging Face MoE checkpoint directory")
@@ -59,11 +61,18 @@ def run(args) -> int:
         placement = ray.get(controller.placement.remote())
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()},  # HTTP unused: clients speak gRPC
                     grpc_options={"port": args.port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS})
-        serve.run(build_app({"checkpoint": str(args.checkpoint), "placement": placement, "dtype": args.dtype}),
+        serve.run(build_app({"checkpoint": str(args.checkpoint), "placement": placement, "dtype": args.dtype,
+                              "redis_url": redis_url}),
                   name="moe")
         print(f"serving elasticmoe.v1.MoEService on port {args.port}; Ctrl-C stops\n"
               f"  try: moectl generate --address 127.0.0.1:{args.port} \"Mixture-of-Experts\"", flush=True)
-        stop.wait()
+        while not stop.wait(CHECK_GROUPS_S):  # groups Ray restarted come back on new ports: re-publish them
+            try:
+                result = ray.get(controller.check_groups.remote(), timeout=120)
+                if result.get("refreshed") or result.get("failed"):
+                    log.warning("group check: %s", result)
+            except Exception:
+                log.exception("group check failed; will retry in %.0f s", CHECK_GROUPS_S)
         print("shutting down ...", file=sys.stderr, flush=True)
         return 0
     finally:

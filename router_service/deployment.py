@@ -48,6 +48,9 @@ class RouterConfig:
     max_queue: int = 256
     max_new_tokens: int = 4096
     forward_timeout_s: float = 30.0
+    redis_url: str | None = None  # follow placement changes published there (None: the deploy-time table only)
+    redis_namespace: str = "elasticmoe"
+    placement_poll_s: float = 0.5
 
     def __post_init__(self):
         parse_dtype(self.dtype)
@@ -77,6 +80,13 @@ class Router:
         dense = DenseModel(spec, checkpoint.load_dense(parse_dtype(config.dtype)))  # no expert weights here
         self.experts = RemoteExperts(spec, PlacementTable.from_json(config.placement), config.forward_timeout_s)
         self.engine = Engine(dense, self.experts, config.engine_config())
+        self.follower = None
+        if config.redis_url:
+            from cluster.state import ClusterState
+            from router_service.placement_follower import PlacementFollower
+
+            state = ClusterState(config.redis_url, config.redis_namespace)
+            self.follower = PlacementFollower(self.experts, state, config.placement_poll_s)
         self.api = MoEApi(self.engine, spec, Tokenizer.from_dir(config.checkpoint), self.status)
         self.spec = spec
         log.info("router up: %s, %d dense MiB, placement v%d over %d groups", spec.family,
@@ -94,6 +104,8 @@ class Router:
                        for (l, e), gs in sorted(table.replicas.items())])
 
     def close(self):
+        if self.follower is not None:
+            self.follower.close()
         self.engine.close()
         self.experts.close()
 

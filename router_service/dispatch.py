@@ -76,7 +76,13 @@ class RemoteExperts:
 
     @property
     def table(self) -> PlacementTable:
+        """The placement steps use now."""
         return self._routes.table
+
+    @property
+    def pending_version(self) -> int:
+        """The newest placement handed over (in use, or waiting for the next step)."""
+        return self._pending.table.version
 
     async def _connect(self, addresses) -> None:
         for address in addresses:

@@ -192,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_kernel.add_arguments(p)
     p.set_defaults(fn=cmd_bench_kernel)
+    p = bench.add_parser("serving", help="cluster vs in-process: prefill, decode per MoE layer, throughput")
+    from cluster import bench_serving
+
+    bench_serving.add_arguments(p)
+    p.set_defaults(fn=lambda args: bench_serving.run(args))
     return parser
 
 

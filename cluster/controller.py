@@ -26,7 +26,6 @@ address is published only once it answers a gRPC Stats call.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -40,6 +39,7 @@ from cluster.placement_table import PlacementTable
 from cluster.state import ClusterState, check_url
 from experts.config import DEVICES, DTYPES, ExpertGroupConfig
 from experts.group import ExpertGroupActor
+from cluster.typed_config import config_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +98,7 @@ class ControllerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ControllerConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in d:
-            if key not in known:
-                raise ValueError(f"unknown ControllerConfig key {key!r} (known: {', '.join(sorted(known))})")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 def _is_int(v) -> bool:

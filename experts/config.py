@@ -8,11 +8,11 @@ have no GPU while the actor that reads it has one.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
+from cluster.typed_config import config_from_dict
 from experts.kernel import BACKENDS
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -61,11 +61,7 @@ class ExpertGroupConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ExpertGroupConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in d:
-            if key not in known:
-                raise ValueError(f"unknown ExpertGroupConfig key {key!r} (known: {', '.join(sorted(known))})")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
     def resolve_device(self) -> torch.device:
         """The device to compute on, decided on the machine the group runs on."""

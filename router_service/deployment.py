@@ -11,7 +11,6 @@ against ~4 ms through Serve, DESIGN.md).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -27,6 +26,7 @@ from router_service.dispatch import RemoteExperts
 from router_service.engine import Engine, EngineConfig
 from router_service.scheduler import SchedulerConfig
 from router_service.tokenizer import Tokenizer
+from cluster.typed_config import config_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +60,7 @@ class RouterConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RouterConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown router config key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(SchedulerConfig(self.max_running, self.max_step_tokens, self.prefill_chunk, self.max_queue),

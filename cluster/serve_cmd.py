@@ -53,7 +53,9 @@ def run(args) -> int:
     try:
         ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
         config = ControllerConfig(checkpoint=str(args.checkpoint), num_groups=args.groups, redis_url=redis_url)
-        controller = ControllerActor.options(name=config.name).remote(config)
+        # Detached and named, so routers and `moectl` on other nodes can find it; this process owns it
+        # all the same and kills it on exit (below).
+        controller = ControllerActor.options(name=config.name, lifetime="detached").remote(config)
         print(f"starting {args.groups} expert group(s) on {args.checkpoint} ...", file=sys.stderr, flush=True)
         summary = ray.get(controller.start.remote())
         for g in summary["groups"]:

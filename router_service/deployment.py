@@ -89,15 +89,30 @@ class Router:
                  checkpoint.loaded_bytes // 2**20, self.experts.table.version, len(self.experts.table.groups))
 
     def status(self) -> serving_pb2.StatusResponse:
+        """Groups with their health (a Stats call answered), the placement, per-expert load.
+
+        serving: every expert has at least one replica on a group that answered.
+        load: (token, expert) pairs each expert has served, summed over its replicas.
+        """
         table = self.experts.table
+        stats = self.experts.group_stats()
+        live = {g for g, a in enumerate(table.groups) if stats.get(a) is not None}
+        load: dict[tuple[int, int], int] = {}
+        for reply in stats.values():
+            for s in reply.slots if reply is not None else ():
+                key = (s.slot.layer, s.slot.expert)
+                load[key] = load.get(key, 0) + s.tokens
         return serving_pb2.StatusResponse(
-            serving=True, placement_version=table.version, model=self.spec.family,
-            groups=[serving_pb2.GroupStatus(name=f"group-{g}", address=a, health="UNKNOWN",
+            serving=all(live.intersection(gs) for gs in table.replicas.values()),
+            placement_version=table.version, model=self.spec.family,
+            groups=[serving_pb2.GroupStatus(name=f"group-{g}", address=a,
+                                            health="SERVING" if g in live else "NOT_SERVING",
                                             experts=[serving_pb2.ExpertRef(layer=l, expert=e)
                                                      for l, e in table.slots_of(g)])
                     for g, a in enumerate(table.groups)],
             placement=[serving_pb2.PlacementEntry(layer=l, expert=e, groups=[f"group-{g}" for g in gs])
-                       for (l, e), gs in sorted(table.replicas.items())])
+                       for (l, e), gs in sorted(table.replicas.items())],
+            load=[serving_pb2.ExpertLoad(layer=l, expert=e, tokens=n) for (l, e), n in sorted(load.items())])
 
     def close(self):
         if self.follower is not None:

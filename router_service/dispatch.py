@@ -126,6 +126,21 @@ class RemoteExperts:
             raise DispatchError(address, e.code(), e.details()) from None
         return decode(response.output, "output")
 
+    def group_stats(self, timeout_s: float = 1.0) -> dict[str, expert_pb2.StatsResponse | None]:
+        """Stats of every group in the current placement; None for a group that did not answer in time."""
+        addresses = list(self.table.groups)
+
+        async def ask(address):
+            try:
+                return await self._stubs[address].Stats(expert_pb2.StatsRequest(), timeout=timeout_s)
+            except grpc.aio.AioRpcError:
+                return None
+
+        async def ask_all():
+            return await asyncio.gather(*(ask(a) for a in addresses))
+
+        return dict(zip(addresses, self._run(ask_all())))
+
     def close(self) -> None:
         async def _close():
             for channel in self._channels.values():

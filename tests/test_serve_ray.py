@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import grpc
 import pytest
@@ -38,7 +39,7 @@ def service(tiny_checkpoint):
                 grpc_options={"port": port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS})
     serve.run(build_app({"checkpoint": str(tiny_checkpoint), "placement": table.to_json()}), name="moe")
     try:
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", groups
     finally:
         serve.shutdown()
         for g in groups:
@@ -46,7 +47,18 @@ def service(tiny_checkpoint):
         ray.shutdown()
 
 
-def test_generate_score_status_health(service, tiny_checkpoint):
+@pytest.fixture(scope="module")
+def group_actors(service):
+    return service[1]
+
+
+@pytest.fixture(scope="module")
+def address(service):
+    return service[0]
+
+
+def test_generate_score_status_health(address, tiny_checkpoint):
+    service = address
     reference = ReferenceModel.from_pretrained(tiny_checkpoint)
     prompt = [5, 17, 42, 99, 3]
     with MoEClient(service, timeout_s=120) as client:
@@ -63,7 +75,11 @@ def test_generate_score_status_health(service, tiny_checkpoint):
         assert max(abs(s - float(logp[i, prompt[i + 1]])) for i, s in enumerate(scores)) <= 1e-4
 
         status = client.status()
-        assert status.placement_version == 1 and len(status.groups) == 2
+        assert status.serving and status.placement_version == 1 and len(status.groups) == 2
+        assert all(g.health == "SERVING" for g in status.groups)
+        served = {(e.layer, e.expert): e.tokens for e in status.load}
+        assert sum(served.values()) > 0 and set(served) <= {(l, e) for l in reference.spec.sparse_layers
+                                                              for e in range(reference.spec.num_experts)}
         assert {e.layer for e in status.placement} == set(reference.spec.sparse_layers)
 
         with pytest.raises(InvalidArgument, match="top_p must be"):
@@ -73,3 +89,21 @@ def test_generate_score_status_health(service, tiny_checkpoint):
     with grpc.insecure_channel(service) as channel:
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=60)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_health_follows_the_groups(address, group_actors):
+    service = address
+    """A group gone and not restarted: its experts have no live replica, health says NOT_SERVING."""
+    ray.kill(group_actors[1], no_restart=True)
+    with grpc.insecure_channel(service) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for _ in range(60):  # ray.kill returns before the process is gone
+            if stub.Check(health_pb2.HealthCheckRequest(), timeout=60).status != \
+                    health_pb2.HealthCheckResponse.SERVING:
+                break
+            time.sleep(0.5)
+        assert stub.Check(health_pb2.HealthCheckRequest(), timeout=60).status == \
+            health_pb2.HealthCheckResponse.NOT_SERVING
+    with MoEClient(service, timeout_s=60) as client:
+        status = client.status()
+    assert not status.serving and [g.health for g in status.groups] == ["SERVING", "NOT_SERVING"]

@@ -14,6 +14,7 @@ import threading
 
 log = logging.getLogger(__name__)
 
+RAY_NAMESPACE = "elasticmoe"
 CHECK_GROUPS_S = 2.0  # how often the foreground process asks the controller to check its groups
 
 
@@ -51,7 +52,8 @@ def run(args) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+        # A named namespace: the detached controller is then reachable by name from other drivers.
+        ray.init(address=args.address, namespace=RAY_NAMESPACE, include_dashboard=False, log_to_driver=False)
         config = ControllerConfig(checkpoint=str(args.checkpoint), num_groups=args.groups, redis_url=redis_url)
         # Detached and named, so routers and `moectl` on other nodes can find it; this process owns it
         # all the same and kills it on exit (below).

@@ -89,6 +89,10 @@ def test_generate_score_status_health(address, tiny_checkpoint):
     with grpc.insecure_channel(service) as channel:
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=60)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
+        # server reflection (Serve's gRPC proxy provides it): grpcurl-style discovery works
+        from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+        assert "elasticmoe.v1.MoEService" in ProtoReflectionDescriptorDatabase(channel).get_services()
 
 
 def test_health_follows_the_groups(address, group_actors):

@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if getattr(args, "max_tokens", 1) is not None and getattr(args, "max_tokens", 1) <= 0:
+    if getattr(args, "max_tokens", 1) < 1:  # run-reference and generate
         print("moectl: error: --max-tokens must be >= 1", file=sys.stderr)
         return 2
     try:

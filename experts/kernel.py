@@ -32,7 +32,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def check_inputs(hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, experts: ExpertWeights) -> None:
+def check_inputs(hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, experts: ExpertWeights,
+                 check_range: bool = True) -> None:
     if hidden.dim() != 2 or hidden.shape[1] != experts.hidden_size:
         raise KernelError(f"hidden must be [T, {experts.hidden_size}], got {list(hidden.shape)}")
     if slot_ids.dim() != 2 or slot_ids.shape[0] != hidden.shape[0]:
@@ -41,7 +42,7 @@ def check_inputs(hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Te
         raise KernelError(f"weights must match slot_ids {list(slot_ids.shape)}, got {list(weights.shape)}")
     if slot_ids.dtype not in (torch.int32, torch.int64):
         raise KernelError(f"slot_ids must be int32 or int64, got {slot_ids.dtype}")
-    if slot_ids.numel() and (slot_ids.min() < -1 or slot_ids.max() >= experts.num_slots):
+    if check_range and slot_ids.numel() and (slot_ids.min() < -1 or slot_ids.max() >= experts.num_slots):
         raise KernelError(f"slot_ids must be in [-1, {experts.num_slots - 1}]")
     if hidden.dtype != experts.w_gate.dtype:
         raise KernelError(f"hidden dtype {hidden.dtype} differs from the expert weights' {experts.w_gate.dtype}")
@@ -53,8 +54,11 @@ def moe_forward(
     weights: torch.Tensor,
     experts: ExpertWeights,
     backend: str = "auto",
+    check_range: bool = True,
 ) -> torch.Tensor:
-    check_inputs(hidden, slot_ids, weights, experts)
+    """check_range=False skips the slot-id range check, which reads slot_ids back to the host
+    (a device sync on GPU): for callers that validated the ids at their own edge."""
+    check_inputs(hidden, slot_ids, weights, experts, check_range)
     if resolve_backend(backend, hidden.device) == "triton":
         from experts.triton_moe import triton_moe_forward  # imported lazily: triton is Linux-only
 

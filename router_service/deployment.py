@@ -96,14 +96,14 @@ class Router:
         """
         table = self.experts.table
         stats = self.experts.group_stats()
-        live = {g for g, a in enumerate(table.groups) if stats.get(a) is not None}
+        live = _live_groups(table, stats)
         load: dict[tuple[int, int], int] = {}
         for reply in stats.values():
             for s in reply.slots if reply is not None else ():
                 key = (s.slot.layer, s.slot.expert)
                 load[key] = load.get(key, 0) + s.tokens
         return serving_pb2.StatusResponse(
-            serving=all(live.intersection(gs) for gs in table.replicas.values()),
+            serving=_every_expert_live(table, live),
             placement_version=table.version, model=self.spec.family,
             groups=[serving_pb2.GroupStatus(name=f"group-{g}", address=a,
                                             health="SERVING" if g in live else "NOT_SERVING",
@@ -114,11 +114,24 @@ class Router:
                        for (l, e), gs in sorted(table.replicas.items())],
             load=[serving_pb2.ExpertLoad(layer=l, expert=e, tokens=n) for (l, e), n in sorted(load.items())])
 
+    def serving(self) -> bool:
+        """Every expert has a replica on a group that answers Stats (the health check)."""
+        table = self.experts.table
+        return _every_expert_live(table, _live_groups(table, self.experts.group_stats()))
+
     def close(self):
         if self.follower is not None:
             self.follower.close()
         self.engine.close()
         self.experts.close()
+
+
+def _live_groups(table: PlacementTable, stats: dict) -> set[int]:
+    return {g for g, a in enumerate(table.groups) if stats.get(a) is not None}
+
+
+def _every_expert_live(table: PlacementTable, live: set[int]) -> bool:
+    return all(live.intersection(gs) for gs in table.replicas.values())
 
 
 @serve.deployment(name="router", max_ongoing_requests=512)
@@ -150,7 +163,7 @@ class RouterDeployment:
         return self.router.api.status(request)
 
     def Check(self, request: health_pb2.HealthCheckRequest) -> health_pb2.HealthCheckResponse:
-        serving = self.router.api.status().serving
+        serving = self.router.serving()
         return health_pb2.HealthCheckResponse(
             status=health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING)
 

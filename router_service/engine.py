@@ -117,7 +117,7 @@ class Engine:
 
     @torch.inference_mode()
     def _step(self, batch: list[tuple[Sequence, int]]) -> None:
-        input_ids = torch.tensor([t for seq, n in batch for t in seq.tokens[seq.computed: seq.computed + n]])
+        input_ids = torch.tensor([t for seq, n in batch for t in seq.next_tokens(n)])
         ends = torch.tensor([n for _, n in batch]).cumsum(0)  # [B] row after each segment
         scoring = [i for i, (seq, _) in enumerate(batch) if seq.score_only]
         rows = torch.cat([torch.arange(ends[i] - batch[i][1], ends[i]) for i in scoring] + [ends - 1])
@@ -151,7 +151,7 @@ class Engine:
             reason = "stop"
         else:
             seq.output.append(token)
-            full = len(seq.tokens) >= self.spec.max_position_embeddings
+            full = seq.length >= self.spec.max_position_embeddings
             reason = "length" if len(seq.output) >= seq.params.max_tokens or full else None
         if reason is not None:
             self.scheduler.finish(seq)

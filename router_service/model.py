@@ -18,7 +18,7 @@ import torch
 from cluster.checkpoint import Checkpoint, parse_dtype
 from experts.kernel import moe_forward
 from experts.weights import ExpertWeights, load_slots
-from router_service.dense import DenseModel, Segment
+from router_service.dense import DenseModel, ExpertsFn, Segment
 from router_service.kv_cache import KVCache
 
 
@@ -43,7 +43,8 @@ class LocalExperts:
 
 
 class ReferenceModel:
-    def __init__(self, dense: DenseModel, experts: LocalExperts, loaded_bytes: int = 0):
+    def __init__(self, dense: DenseModel, experts: ExpertsFn, loaded_bytes: int = 0):
+        """experts: LocalExperts for the oracle; RemoteExperts runs the same model over groups."""
         self.dense = dense
         self.experts = experts
         self.spec = dense.spec

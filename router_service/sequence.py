@@ -37,8 +37,15 @@ class Sequence:
     cancelled: bool = False  # set by the caller's thread when the client goes away
 
     @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.output
+    def length(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    def next_tokens(self, n: int) -> list[int]:
+        """The n tokens after those in the KV cache, without copying the whole sequence (hot path)."""
+        start, p = self.computed, len(self.prompt)
+        if start + n <= p:
+            return self.prompt[start: start + n]
+        return self.prompt[start:] + self.output[max(0, start - p): start + n - p]
 
     @property
     def computed(self) -> int:

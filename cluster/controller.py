@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import ray
 from elasticmoe.v1 import expert_pb2, expert_pb2_grpc
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
+from cluster.autoscaler_config import AutoscalerConfig
 from cluster.checkpoint import Checkpoint
 from cluster.placement_table import PlacementTable
 from cluster.state import ClusterState, check_url
@@ -69,6 +70,7 @@ class ControllerConfig:
     group_start_timeout_s: float = 600.0  # start() loads weights: minutes for a large model
     health_timeout_s: float = 2.0  # a group's address() or Stats slower than this counts as not serving
     name: str = "elasticmoe-controller"  # the actor name; groups are named f"{name}-group-{i}"
+    autoscaler: AutoscalerConfig | dict = field(default_factory=AutoscalerConfig)  # cluster/autoscaler_config.py
 
     def __post_init__(self) -> None:
         if not isinstance(self.checkpoint, str) or not self.checkpoint:
@@ -89,12 +91,16 @@ class ControllerConfig:
             raise ValueError(f"num_gpus_per_group must be None (auto) or a number >= 0, got {self.num_gpus_per_group!r}")
         if not _is_int(self.max_group_restarts) or self.max_group_restarts < -1:
             raise ValueError(f"max_group_restarts must be an int >= -1 (-1 = unlimited), got {self.max_group_restarts!r}")
-        for field in ("group_start_timeout_s", "health_timeout_s"):
-            value = getattr(self, field)
+        for key in ("group_start_timeout_s", "health_timeout_s"):
+            value = getattr(self, key)
             if not _is_number(value) or value <= 0:
-                raise ValueError(f"{field} must be a positive number of seconds, got {value!r}")
+                raise ValueError(f"{key} must be a positive number of seconds, got {value!r}")
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name must be a non-empty string, got {self.name!r}")
+        if isinstance(self.autoscaler, dict):
+            self.autoscaler = AutoscalerConfig.from_dict(self.autoscaler)
+        if not isinstance(self.autoscaler, AutoscalerConfig):
+            raise ValueError(f"autoscaler must be a mapping of AutoscalerConfig keys, got {self.autoscaler!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "ControllerConfig":

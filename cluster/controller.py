@@ -255,7 +255,7 @@ class Controller:
                 moved[i] = result
         if moved:
             groups = tuple(moved.get(i, address) for i, address in enumerate(table.groups))
-            new = PlacementTable(table.version + 1, groups, table.replicas)
+            new = PlacementTable(table.version + 1, groups, table.replicas, table.shares)
             for i, address in moved.items():
                 self.state.register_group(self.names[i], address, new.slots_of(i))
             self.state.publish_placement(new)

@@ -21,6 +21,13 @@ class PlacementTable:
     version: int
     groups: tuple[str, ...]  # group addresses "host:port"; a group's index is its id
     replicas: dict[tuple[int, int], tuple[int, ...]] = field(default_factory=dict)  # (layer, expert) -> group ids
+    # (layer, expert) -> the fraction of its tokens each replica gets, aligned with replicas;
+    # an expert missing here splits evenly. The planner sets uneven shares to balance groups.
+    shares: dict[tuple[int, int], tuple[float, ...]] = field(default_factory=dict)
+
+    def shares_of(self, slot: tuple[int, int]) -> tuple[float, ...]:
+        groups = self.replicas[slot]
+        return self.shares.get(slot) or tuple(1.0 / len(groups) for _ in groups)
 
     @classmethod
     def round_robin(cls, spec: ModelSpec, groups: list[str], version: int = 1) -> "PlacementTable":
@@ -44,12 +51,24 @@ class PlacementTable:
                     raise PlacementError(f"expert {expert} of layer {layer} has two replicas on one group: {gs}")
                 if not all(0 <= g < len(self.groups) for g in gs):
                     raise PlacementError(f"expert {expert} of layer {layer} names a group outside [0, {len(self.groups) - 1}]")
+                shares = self.shares_of((layer, expert))
+                if len(shares) != len(gs) or min(shares) < 0 or abs(sum(shares) - 1.0) > 1e-6:
+                    raise PlacementError(f"expert {expert} of layer {layer}: shares {list(shares)} must be one "
+                                         f"non-negative number per replica ({len(gs)}) summing to 1")
 
     def to_json(self) -> str:
-        return json.dumps({"version": self.version, "groups": list(self.groups),
-                           "replicas": [[l, e, list(gs)] for (l, e), gs in sorted(self.replicas.items())]})
+        # [layer, expert, [group ids]] for an even split, [layer, expert, [group ids], [shares]] otherwise
+        rows = [[l, e, list(gs)] + ([list(self.shares[(l, e)])] if (l, e) in self.shares else [])
+                for (l, e), gs in sorted(self.replicas.items())]
+        return json.dumps({"version": self.version, "groups": list(self.groups), "replicas": rows})
 
     @classmethod
     def from_json(cls, text: str) -> "PlacementTable":
         d = json.loads(text)
-        return cls(d["version"], tuple(d["groups"]), {(l, e): tuple(gs) for l, e, gs in d["replicas"]})
+        replicas, shares = {}, {}
+        for row in d["replicas"]:
+            l, e, gs = row[0], row[1], row[2]
+            replicas[(l, e)] = tuple(gs)
+            if len(row) > 3:
+                shares[(l, e)] = tuple(float(s) for s in row[3])
+        return cls(d["version"], tuple(d["groups"]), replicas, shares)

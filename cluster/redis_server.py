@@ -46,6 +46,7 @@ class EmbeddedRedisConfig:
     stop_timeout_s: float = 5.0  # how long SIGTERM gets before SIGKILL
     password: str | None = None  # requirepass; it then appears in .url (redact it with cluster.state.redact_url)
     start_attempts: int = 3  # tries on fresh ports when the chosen port was taken meanwhile
+    port: int = 0  # 0 = a free port; a fixed one brings a stopped server back where clients look for it
 
     def __post_init__(self) -> None:
         if not isinstance(self.executable, str) or not self.executable:
@@ -58,6 +59,8 @@ class EmbeddedRedisConfig:
             raise ValueError("password must be None or a non-empty string")
         if not isinstance(self.start_attempts, int) or isinstance(self.start_attempts, bool) or self.start_attempts < 1:
             raise ValueError(f"start_attempts must be an int >= 1, got {self.start_attempts!r}")
+        if not isinstance(self.port, int) or isinstance(self.port, bool) or not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be an int in [0, 65535] (0 = a free port), got {self.port!r}")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -100,7 +103,7 @@ class EmbeddedRedis:
     def _start(self) -> None:
         errors = []
         for _ in range(self.config.start_attempts):
-            self.port = free_port(self.HOST)
+            self.port = self.config.port or free_port(self.HOST)
             log_path = self._dir / f"redis-{self.port}.log"
             args = [self._binary, "--bind", self.HOST, "--port", str(self.port), "--save", "", "--appendonly", "no",
                     "--dir", str(self._dir), "--daemonize", "no", "--logfile", str(log_path)]
@@ -116,7 +119,7 @@ class EmbeddedRedis:
                 return
             errors.append(problem)
             self._terminate()
-            if "already in use" not in problem:  # only a port race is worth another try
+            if "already in use" not in problem or self.config.port:  # only a race for a free port is worth a retry
                 break
         raise RedisServerError(f"redis-server did not start: {errors[-1]}")
 

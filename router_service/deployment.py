@@ -19,12 +19,17 @@ from grpc_health.v1 import health_pb2
 from ray import serve
 
 from cluster.checkpoint import Checkpoint, parse_dtype
+from cluster.metrics import RouterMetrics, serve_metrics
 from cluster.placement_table import PlacementTable
+from cluster.state import ClusterState
+from cluster.telemetry import Telemetry
 from router_service.api import ApiError, MoEApi
 from router_service.dense import DenseModel
 from router_service.dispatch import RemoteExperts
 from router_service.engine import Engine, EngineConfig
+from router_service.placement_follower import PlacementFollower
 from router_service.scheduler import SchedulerConfig
+from router_service.telemetry_reporter import TelemetryReporter
 from router_service.tokenizer import Tokenizer
 from cluster.typed_config import config_from_dict
 
@@ -51,12 +56,19 @@ class RouterConfig:
     redis_url: str | None = None  # follow placement changes published there (None: the deploy-time table only)
     redis_namespace: str = "elasticmoe"
     placement_poll_s: float = 0.5
+    telemetry_flush_s: float = 0.1  # routed load goes to Redis at most this often (with redis_url)
+    metrics_port: int | None = 9100  # Prometheus /metrics; 0 = a free port, None = off
+    metrics_host: str = "0.0.0.0"
+    metrics_per_expert: bool = False  # per-(layer, expert) series: L*E of them, off for big models
 
     def __post_init__(self):
         parse_dtype(self.dtype)
         PlacementTable.from_json(self.placement)
-        if self.forward_timeout_s <= 0:
-            raise ValueError(f"forward_timeout_s must be > 0, got {self.forward_timeout_s}")
+        for name in ("forward_timeout_s", "placement_poll_s", "telemetry_flush_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be None (off) or in [0, 65535], got {self.metrics_port}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "RouterConfig":
@@ -74,15 +86,20 @@ class Router:
         checkpoint = Checkpoint(config.checkpoint)
         spec = checkpoint.spec
         dense = DenseModel(spec, checkpoint.load_dense(parse_dtype(config.dtype)))  # no expert weights here
-        self.experts = RemoteExperts(spec, PlacementTable.from_json(config.placement), config.forward_timeout_s)
+        self.metrics = RouterMetrics(config.metrics_per_expert)
+        self.experts = RemoteExperts(spec, PlacementTable.from_json(config.placement), config.forward_timeout_s,
+                                     on_forward=self.metrics.on_forward)
         self.engine = Engine(dense, self.experts, config.engine_config())
-        self.follower = None
+        self.metrics_server, self.metrics_address = None, None
+        if config.metrics_port is not None:
+            self.metrics_server, self.metrics_address = serve_metrics(self.metrics.registry, config.metrics_port,
+                                                                      config.metrics_host)
+        self.follower, self.reporter = None, None
         if config.redis_url:
-            from cluster.state import ClusterState
-            from router_service.placement_follower import PlacementFollower
-
             state = ClusterState(config.redis_url, config.redis_namespace)
             self.follower = PlacementFollower(self.experts, state, config.placement_poll_s)
+            self.reporter = TelemetryReporter(self.experts, Telemetry(state), config.telemetry_flush_s,
+                                              metrics_address=self.metrics_address, on_flush=self._on_flush)
         self.api = MoEApi(self.engine, spec, Tokenizer.from_dir(config.checkpoint), self.status)
         self.spec = spec
         log.info("router up: %s, %d dense MiB, placement v%d over %d groups", spec.family,
@@ -119,9 +136,22 @@ class Router:
         table = self.experts.table
         return _every_expert_live(table, _live_groups(table, self.experts.group_stats()))
 
+    def _on_flush(self, counts) -> None:
+        self.metrics.on_load(counts)
+        self.metrics.placement_version.set(self.experts.table.version)
+        if self.reporter is not None:
+            self.metrics.telemetry_dropped.inc(self.reporter.dropped - self._dropped_seen)
+            self._dropped_seen = self.reporter.dropped
+
+    _dropped_seen = 0
+
     def close(self):
+        if self.reporter is not None:
+            self.reporter.close()
         if self.follower is not None:
             self.follower.close()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
         self.engine.close()
         self.experts.close()
 

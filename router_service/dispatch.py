@@ -8,7 +8,13 @@ T = tokens in the step, k = experts per token, H = hidden, E = experts per layer
       Forward(hidden[rows], ids[rows] with other groups' pairs set to -1, weights[rows])
   combine: out[rows] += partial_g                     -> [T, H]
 
-An expert with several replicas gets its tokens spread over them by token index.
+An expert with several replicas splits its tokens by the table's shares: token t draws
+u = frac((t + 0.5) * golden ratio), a low-discrepancy sequence, and goes to the first
+replica whose cumulative share exceeds u. Deterministic, no RNG state, and even a
+decode step of a few tokens splits close to the shares.
+
+Every call also counts the (token, expert) pairs routed per expert (`take_load()`),
+which the router's telemetry reporter flushes to Redis for the autoscaler.
 The dense model calls this synchronously; the gRPC calls run on one asyncio loop in
 a background thread that owns the persistent channels (grpc.aio objects belong to
 the loop that made them).
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -26,6 +33,13 @@ from elasticmoe.v1 import expert_pb2, expert_pb2_grpc
 from cluster.model_spec import ModelSpec
 from cluster.placement_table import PlacementTable
 from experts.wire import GRPC_OPTIONS, decode, encode
+
+
+_GOLDEN = (5 ** 0.5 - 1) / 2
+
+
+def _pad(values, width: int, fill) -> list:
+    return list(values) + [fill] * (width - len(values))
 
 
 class DispatchError(RuntimeError):
@@ -41,19 +55,24 @@ class _Routes:
     """A placement table compiled for lookups in the hot path."""
 
     table: PlacementTable
-    replica_groups: dict[int, torch.Tensor]  # layer -> [E, R] group ids, padded by repeating
-    replica_count: dict[int, torch.Tensor]  # layer -> [E] replicas per expert
+    replica_groups: dict[int, torch.Tensor]  # layer -> [E, R] group ids, padded by repeating the last
+    cumulative_shares: dict[int, torch.Tensor]  # layer -> [E, R] running sum of shares, padded with 1.0
 
 
 class RemoteExperts:
-    def __init__(self, spec: ModelSpec, table: PlacementTable, timeout_s: float = 30.0):
+    def __init__(self, spec: ModelSpec, table: PlacementTable, timeout_s: float = 30.0, on_forward=None):
         table.validate(spec)
         self.spec, self.timeout_s = spec, timeout_s
+        self.on_forward = on_forward  # (group id, seconds, ok) after every Forward RPC: metrics
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="expert-dispatch", daemon=True)
         self._thread.start()
         self._stubs: dict[str, expert_pb2_grpc.ExpertServiceStub] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._layer_index = {layer: i for i, layer in enumerate(spec.sparse_layers)}
+        self._load = torch.zeros(len(spec.sparse_layers), spec.num_experts, dtype=torch.int64)
+        self._load_lock = threading.Lock()
+        self._step_version: int | None = None  # the placement of the step in flight; None between steps
         self.set_table(table)
 
     def set_table(self, table: PlacementTable) -> None:
@@ -63,14 +82,15 @@ class RemoteExperts:
         of one step never mix two placements; the old replicas stay loaded until drained.
         """
         table.validate(self.spec)
-        groups, counts = {}, {}
+        groups, cumulative = {}, {}
         for layer in self.spec.sparse_layers:
-            reps = [table.replicas[(layer, e)] for e in range(self.spec.num_experts)]
-            width = max(len(r) for r in reps)
-            groups[layer] = torch.tensor([[r[i % len(r)] for i in range(width)] for r in reps])
-            counts[layer] = torch.tensor([len(r) for r in reps])
+            slots = [(layer, e) for e in range(self.spec.num_experts)]
+            width = max(len(table.replicas[s]) for s in slots)
+            groups[layer] = torch.tensor([_pad(table.replicas[s], width, table.replicas[s][-1]) for s in slots])
+            running = [torch.tensor(table.shares_of(s), dtype=torch.float64).cumsum(0).tolist() for s in slots]
+            cumulative[layer] = torch.tensor([_pad(r[:-1] + [1.0], width, 1.0) for r in running])  # last = 1 exactly
         self._run(self._connect(table.groups))
-        self._pending = _Routes(table, groups, counts)
+        self._pending = _Routes(table, groups, cumulative)
         if not hasattr(self, "_routes"):
             self._routes = self._pending
 
@@ -83,6 +103,20 @@ class RemoteExperts:
     def pending_version(self) -> int:
         """The newest placement handed over (in use, or waiting for the next step)."""
         return self._pending.table.version
+
+    @property
+    def version_in_use(self) -> int:
+        """The oldest placement a step may still use: the in-flight step's, else the pending one.
+        Once every router reports a version >= v, nothing routes by an older table any more."""
+        step = self._step_version
+        return step if step is not None else self.pending_version
+
+    def take_load(self) -> dict[tuple[int, int], int]:
+        """(layer, expert) -> pairs routed since the last call (non-zero entries only)."""
+        with self._load_lock:
+            load, self._load = self._load, torch.zeros_like(self._load)
+        nonzero = load.nonzero().tolist()
+        return {(self.spec.sparse_layers[i], e): int(load[i, e]) for i, e in nonzero}
 
     async def _connect(self, addresses) -> None:
         for address in addresses:
@@ -97,12 +131,25 @@ class RemoteExperts:
         """x [T, H], ids [T, k], weights [T, k] -> sum of weighted expert outputs [T, H]."""
         if layer == self.spec.sparse_layers[0]:
             self._routes = self._pending  # a step boundary
-        return self._run(self._forward(self._routes, layer, x, ids, weights))
+            self._step_version = self._routes.table.version
+        routed = torch.bincount(ids.flatten(), minlength=self.spec.num_experts)
+        with self._load_lock:
+            self._load[self._layer_index[layer]] += routed
+        try:
+            out = self._run(self._forward(self._routes, layer, x, ids, weights))
+        except BaseException:
+            self._step_version = None  # the step is over: the engine fails its sequences
+            raise
+        if layer == self.spec.sparse_layers[-1]:
+            self._step_version = None
+        return out
 
     async def _forward(self, routes: _Routes, layer, x, ids, weights) -> torch.Tensor:
         num_tokens = ids.shape[0]
-        token = torch.arange(num_tokens)[:, None].expand_as(ids)
-        group_of_pair = routes.replica_groups[layer][ids, token % routes.replica_count[layer][ids]]  # [T, k]
+        u = ((torch.arange(num_tokens, dtype=torch.float64) + 0.5) * _GOLDEN) % 1.0  # [T] in (0, 1)
+        cumulative = routes.cumulative_shares[layer][ids]  # [T, k, R]
+        replica = (cumulative <= u[:, None, None]).sum(-1).clamp(max=cumulative.shape[-1] - 1)  # [T, k]
+        group_of_pair = routes.replica_groups[layer][ids, replica]  # [T, k]
         calls, row_sets = [], []
         for g in torch.unique(group_of_pair).tolist():
             mine = group_of_pair == g  # [T, k]
@@ -111,7 +158,7 @@ class RemoteExperts:
             request = expert_pb2.ForwardRequest(layer=layer, hidden=encode(x[rows]), expert_ids=encode(sub_ids),
                                                 weights=encode(weights[rows].to(torch.float32)),
                                                 placement_version=routes.table.version)
-            calls.append(self._call(routes.table.groups[g], request))
+            calls.append(self._call(g, routes.table.groups[g], request))
             row_sets.append(rows)
         partials = await asyncio.gather(*calls)
         out = torch.zeros_like(x)
@@ -119,12 +166,19 @@ class RemoteExperts:
             out.index_add_(0, rows, partial.to(x.dtype))
         return out
 
-    async def _call(self, address: str, request) -> torch.Tensor:
+    async def _call(self, group: int, address: str, request) -> torch.Tensor:
+        start = time.perf_counter()
         try:
             response = await self._stubs[address].Forward(request, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as e:
+            self._observe(group, start, ok=False)
             raise DispatchError(address, e.code(), e.details()) from None
+        self._observe(group, start, ok=True)
         return decode(response.output, "output")
+
+    def _observe(self, group: int, start: float, ok: bool) -> None:
+        if self.on_forward is not None:
+            self.on_forward(group, time.perf_counter() - start, ok)
 
     def group_stats(self, timeout_s: float = 1.0) -> dict[str, expert_pb2.StatsResponse | None]:
         """Stats of every group in the current placement; None for a group that did not answer in time."""

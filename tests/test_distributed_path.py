@@ -85,3 +85,48 @@ def test_new_placement_is_adopted_at_a_step_boundary(tiny_checkpoint):
     finally:
         remote.close()
         groups.close()
+
+
+def test_tokens_split_by_shares_and_routed_load_is_counted(tiny_checkpoint):
+    """Expert 0 of layer 0 on both groups with shares 0.2 / 0.8; expert 1 with shares 0 / 1."""
+    ckpt = Checkpoint(tiny_checkpoint)
+    everything = [(l, e) for l in ckpt.spec.sparse_layers for e in range(ckpt.spec.num_experts)]
+    groups = Groups(tiny_checkpoint, [everything, everything])
+    layer = ckpt.spec.sparse_layers[0]
+    table = PlacementTable(1, tuple(groups.addresses), {slot: (0, 1) for slot in everything},
+                           {(layer, 0): (0.2, 0.8), (layer, 1): (0.0, 1.0)})
+    remote = RemoteExperts(ckpt.spec, table)
+    try:
+        T = 500
+        ids = torch.tensor([[0, 1]] * T)
+        remote(layer, torch.randn(T, ckpt.spec.hidden_size), ids, torch.full((T, 2), 0.5))
+        stats = remote.group_stats()
+        served = [{(s.slot.layer, s.slot.expert): s.tokens for s in stats[a].slots} for a in groups.addresses]
+        assert served[0][(layer, 0)] + served[1][(layer, 0)] == T
+        assert abs(served[0][(layer, 0)] / T - 0.2) < 0.01  # low-discrepancy split: close even for few tokens
+        assert served[0].get((layer, 1), 0) == 0 and served[1][(layer, 1)] == T  # a zero share gets nothing
+        assert remote.take_load() == {(layer, 0): T, (layer, 1): T}
+        assert remote.take_load() == {}  # taken: counts restart
+    finally:
+        remote.close()
+        groups.close()
+
+
+def test_version_in_use_covers_the_step_in_flight(tiny_checkpoint):
+    """A router reports the oldest placement a step may still route by, so the autoscaler
+    unloads an old replica only once no step uses it."""
+    ckpt = Checkpoint(tiny_checkpoint)
+    everything = [(l, e) for l in ckpt.spec.sparse_layers for e in range(ckpt.spec.num_experts)]
+    groups = Groups(tiny_checkpoint, [everything])
+    remote = RemoteExperts(ckpt.spec, PlacementTable.round_robin(ckpt.spec, groups.addresses))
+    try:
+        x, ids, w = torch.randn(2, ckpt.spec.hidden_size), torch.tensor([[0, 1], [2, 3]]), torch.full((2, 2), 0.5)
+        first, last = ckpt.spec.sparse_layers[0], ckpt.spec.sparse_layers[-1]
+        remote(first, x, ids, w)
+        remote.set_table(PlacementTable.round_robin(ckpt.spec, groups.addresses, version=2))
+        assert remote.version_in_use == 1  # a step on v1 is in flight
+        remote(last, x, ids, w)
+        assert remote.version_in_use == 2  # between steps: the next step takes v2
+    finally:
+        remote.close()
+        groups.close()

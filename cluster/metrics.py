@@ -1,0 +1,113 @@
+"""Prometheus metrics of the router and the autoscaler, each on its own HTTP port.
+
+Label cardinality stays bounded: series are per layer (L), per group (G) or per
+rebalance result; per-(layer, expert) series (L*E: 14,848 for DeepSeek-V3) appear only
+with per_expert=True. Each process has its own registry, so two components in one
+process (tests, `moectl serve`) never collide.
+
+| metric | type | labels | from |
+|---|---|---|---|
+| `elasticmoe_routed_pairs_total` | counter | layer | router: (token, expert) pairs routed |
+| `elasticmoe_expert_routed_pairs_total` | counter | layer, expert | router, per_expert only |
+| `elasticmoe_forward_seconds` | histogram | group | router: one Forward RPC, by group id |
+| `elasticmoe_forward_failures_total` | counter | group | router: Forward RPCs that failed |
+| `elasticmoe_router_placement_version` | gauge | | router: the placement in use |
+| `elasticmoe_telemetry_dropped_total` | counter | | router: load batches lost while Redis was down |
+| `elasticmoe_expert_load` | gauge | layer, expert | autoscaler, per_expert only: pairs/s over the window |
+| `elasticmoe_expert_replicas` | gauge | layer, expert | autoscaler, per_expert only |
+| `elasticmoe_layer_max_expert_load` | gauge | layer | autoscaler: the hottest expert's pairs/s |
+| `elasticmoe_replicas` | gauge | | autoscaler: replicas over all layers and experts |
+| `elasticmoe_replicated_experts` | gauge | | autoscaler: experts with more than one replica |
+| `elasticmoe_group_utilization` | gauge | group | autoscaler: busy fraction over the window |
+| `elasticmoe_imbalance` | gauge | | autoscaler: observed max/mean group load (1.0 = balanced) |
+| `elasticmoe_planned_imbalance` | gauge | | autoscaler: what the last plan expected |
+| `elasticmoe_groups` | gauge | | autoscaler: expert groups serving |
+| `elasticmoe_placement_version` | gauge | | autoscaler: the published placement |
+| `elasticmoe_rebalances_total` | counter | result | autoscaler: started, finished, failed, skipped |
+| `elasticmoe_rebalance_seconds` | histogram | | autoscaler: start to finish of a rebalance |
+| `elasticmoe_weights_moved_total` | counter | | autoscaler: expert replicas loaded onto a group |
+| `elasticmoe_weight_bytes_moved_total` | counter | | autoscaler: their bytes |
+| `elasticmoe_group_changes_total` | counter | direction | autoscaler: groups added (up) or removed (down) |
+"""
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+_SECONDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+def serve_metrics(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> tuple[object, str]:
+    """Start the /metrics HTTP server; (server, "host:port"). port 0 picks a free one; a taken
+    port falls back to a free one (two routers on one node), with a log line naming both."""
+    try:
+        server, _ = start_http_server(port, addr=host, registry=registry)
+    except OSError as e:
+        if port == 0:
+            raise
+        log.warning("metrics port %d is taken (%s); serving metrics on a free port instead", port, e)
+        server, _ = start_http_server(0, addr=host, registry=registry)
+    return server, f"{host}:{server.server_port}"
+
+
+class RouterMetrics:
+    def __init__(self, per_expert: bool = False):
+        self.registry = r = CollectorRegistry()
+        self.per_expert = per_expert
+        self.routed = Counter("elasticmoe_routed_pairs", "(token, expert) pairs routed", ["layer"], registry=r)
+        self.expert_routed = (Counter("elasticmoe_expert_routed_pairs", "(token, expert) pairs routed per expert",
+                                      ["layer", "expert"], registry=r) if per_expert else None)
+        self.forward_seconds = Histogram("elasticmoe_forward_seconds", "Forward RPC latency by expert group",
+                                         ["group"], buckets=_SECONDS, registry=r)
+        self.forward_failures = Counter("elasticmoe_forward_failures", "Forward RPCs that failed", ["group"],
+                                        registry=r)
+        self.placement_version = Gauge("elasticmoe_router_placement_version", "placement version in use",
+                                       registry=r)
+        self.telemetry_dropped = Counter("elasticmoe_telemetry_dropped", "load batches lost while Redis was down",
+                                         registry=r)
+
+    def on_load(self, counts: dict[tuple[int, int], int]) -> None:
+        by_layer: dict[int, int] = {}
+        for (layer, expert), n in counts.items():
+            by_layer[layer] = by_layer.get(layer, 0) + n
+            if self.expert_routed is not None:
+                self.expert_routed.labels(str(layer), str(expert)).inc(n)
+        for layer, n in by_layer.items():
+            self.routed.labels(str(layer)).inc(n)
+
+    def on_forward(self, group: int, seconds: float, ok: bool) -> None:
+        self.forward_seconds.labels(str(group)).observe(seconds)
+        if not ok:
+            self.forward_failures.labels(str(group)).inc()
+
+
+class AutoscalerMetrics:
+    def __init__(self, per_expert: bool = False):
+        self.registry = r = CollectorRegistry()
+        self.per_expert = per_expert
+        self.expert_load = (Gauge("elasticmoe_expert_load", "pairs/s per expert over the window",
+                                  ["layer", "expert"], registry=r) if per_expert else None)
+        self.expert_replicas = (Gauge("elasticmoe_expert_replicas", "replicas per expert", ["layer", "expert"],
+                                      registry=r) if per_expert else None)
+        self.layer_max_load = Gauge("elasticmoe_layer_max_expert_load", "the hottest expert's pairs/s", ["layer"],
+                                    registry=r)
+        self.replicas = Gauge("elasticmoe_replicas", "expert replicas over all layers", registry=r)
+        self.replicated = Gauge("elasticmoe_replicated_experts", "experts with more than one replica", registry=r)
+        self.utilization = Gauge("elasticmoe_group_utilization", "group busy fraction over the window", ["group"],
+                                 registry=r)
+        self.imbalance = Gauge("elasticmoe_imbalance", "observed max/mean group load", registry=r)
+        self.planned_imbalance = Gauge("elasticmoe_planned_imbalance", "max/mean group load the last plan expected",
+                                       registry=r)
+        self.groups = Gauge("elasticmoe_groups", "expert groups serving", registry=r)
+        self.placement_version = Gauge("elasticmoe_placement_version", "published placement version", registry=r)
+        self.rebalances = Counter("elasticmoe_rebalances", "rebalances by result", ["result"], registry=r)
+        self.rebalance_seconds = Histogram("elasticmoe_rebalance_seconds", "start to finish of a rebalance",
+                                           buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300), registry=r)
+        self.weights_moved = Counter("elasticmoe_weights_moved", "expert replicas loaded onto a group", registry=r)
+        self.weight_bytes_moved = Counter("elasticmoe_weight_bytes_moved", "bytes of expert replicas loaded",
+                                          registry=r)
+        self.group_changes = Counter("elasticmoe_group_changes", "groups added or removed", ["direction"],
+                                     registry=r)

@@ -30,6 +30,9 @@ class AutoscalerConfig:
     scale_sustain_s: float = 30.0
     drain_timeout_s: float = 10.0  # wait this long for routers to leave a placement before unloading its replicas
     load_timeout_s: float = 300.0  # LoadExperts slower than this fails the rebalance (it rolls back)
+    metrics_port: int | None = 9101  # Prometheus /metrics of the autoscaler; 0 = a free port, None = off
+    metrics_host: str = "0.0.0.0"
+    metrics_per_expert: bool = False  # per-(layer, expert) load and replica series: L*E of them
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
@@ -53,6 +56,8 @@ class AutoscalerConfig:
             value = getattr(self, name)
             if not _is_number(value) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a fraction in [0, 1], got {value!r}")
+        if self.metrics_port is not None and (not _is_int(self.metrics_port) or not 0 <= self.metrics_port <= 65535):
+            raise ValueError(f"metrics_port must be None (off) or an int in [0, 65535], got {self.metrics_port!r}")
         if self.scale_down_utilization >= self.scale_up_utilization:
             raise ValueError(f"scale_down_utilization ({self.scale_down_utilization}) must be below "
                              f"scale_up_utilization ({self.scale_up_utilization})")

@@ -186,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-s", type=float, default=10.0, help="deadline (default 10)")
     p.set_defaults(fn=cmd_status)
 
+    from cluster import placement_cmd
+
+    placement_cmd.add_commands(sub)
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True, metavar="BENCH")
     p = bench.add_parser("kernel", help="expert kernel: triton vs torch on given shapes (needs CUDA for triton)")
     from cluster import bench_kernel
@@ -197,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_serving.add_arguments(p)
     p.set_defaults(fn=lambda args: bench_serving.run(args))
+    p = bench.add_parser("skew", help="the autoscaler under skewed traffic: before/after throughput, time to balance")
+    from cluster import bench_skew
+
+    bench_skew.add_arguments(p)
+    p.set_defaults(fn=lambda args: bench_skew.run(args))
     return parser
 
 

@@ -27,17 +27,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 import ray
 from elasticmoe.v1 import expert_pb2, expert_pb2_grpc
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
+from cluster.autoscaler import ADD_GROUP, REBALANCE, REMOVE_GROUP, Autoscaler, Decision, Observation
 from cluster.autoscaler_config import AutoscalerConfig
 from cluster.checkpoint import Checkpoint
+from cluster.metrics import AutoscalerMetrics, serve_metrics
 from cluster.placement_table import PlacementTable
+from cluster.rebalance import Rebalancer, RebalanceResult, grpc_call
 from cluster.state import ClusterState, check_url
+from cluster.telemetry import Telemetry
 from experts.config import DEVICES, DTYPES, ExpertGroupConfig
 from experts.group import ExpertGroupActor
 from cluster.typed_config import config_from_dict
@@ -70,6 +76,7 @@ class ControllerConfig:
     group_start_timeout_s: float = 600.0  # start() loads weights: minutes for a large model
     health_timeout_s: float = 2.0  # a group's address() or Stats slower than this counts as not serving
     name: str = "elasticmoe-controller"  # the actor name; groups are named f"{name}-group-{i}"
+    repair_interval_s: float | None = 2.0  # the control loop restarts stopped groups this often; None = on call only
     autoscaler: AutoscalerConfig | dict = field(default_factory=AutoscalerConfig)  # cluster/autoscaler_config.py
 
     def __post_init__(self) -> None:
@@ -97,6 +104,9 @@ class ControllerConfig:
                 raise ValueError(f"{key} must be a positive number of seconds, got {value!r}")
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name must be a non-empty string, got {self.name!r}")
+        if self.repair_interval_s is not None and (not _is_number(self.repair_interval_s)
+                                                   or self.repair_interval_s <= 0):
+            raise ValueError(f"repair_interval_s must be None or a positive number, got {self.repair_interval_s!r}")
         if isinstance(self.autoscaler, dict):
             self.autoscaler = AutoscalerConfig.from_dict(self.autoscaler)
         if not isinstance(self.autoscaler, AutoscalerConfig):
@@ -105,6 +115,17 @@ class ControllerConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ControllerConfig":
         return config_from_dict(cls, d)
+
+
+def _request_gpus(num_groups: int) -> None:
+    """Ask the Ray autoscaler (KubeRay's in-tree one) for GPU room for num_groups groups now,
+    so a node starts while the new group's actor waits; a no-op without an autoscaler."""
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[{"GPU": 1}] * num_groups)
+    except Exception as e:  # no autoscaler here: the actor's own GPU request is what waits
+        log.info("request_resources unavailable (%s); the group's GPU request alone will wait", e)
 
 
 def _is_int(v) -> bool:
@@ -126,7 +147,23 @@ class Controller:
         self.names = [f"{self.config.name}-group-{i}" for i in range(self.config.num_groups)]
         self._actors: list = []  # ActorHandle per group id, empty until start()
         self._table: PlacementTable | None = None  # what Redis holds, with the addresses we trust
+        self._held: list[set[tuple[int, int]]] = []  # per group id: the slots it holds (a superset of its table slots)
         self._lock = asyncio.Lock()  # one control call mutates the table at a time; binds to the actor's loop
+        self.telemetry = Telemetry(self.state)
+        a = self.config.autoscaler
+        self.rebalancer = Rebalancer(self.state, self.telemetry, a.load_timeout_s, a.drain_timeout_s)
+        self.metrics = AutoscalerMetrics(a.metrics_per_expert)
+        self.spec = None  # read from the checkpoint by start()
+        self.autoscaler: Autoscaler | None = None
+        self.metrics_address: str | None = None
+        self._metrics_server = None
+        self._loop_task: asyncio.Task | None = None
+        self._adding: asyncio.Task | None = None  # a group being started for a scale-up
+        self._retiring: list[tuple[str, object, str, int]] = []  # (name, actor, address, version) removed groups
+        self._last_stats: dict[str, tuple[dict, float, int]] = {}  # group name -> Stats counters last seen
+        self._last_obs: Observation | None = None
+        self.last_decision: Decision | None = None
+        self.last_rebalance: dict | None = None
 
     # ---- start ------------------------------------------------------------------------
 
@@ -141,11 +178,20 @@ class Controller:
                     # half a cluster is worse than none: the caller retries start() from scratch
                     await self._kill_all()
                     raise
+                a = self.config.autoscaler
+                if a.metrics_port is not None and self._metrics_server is None:
+                    self._metrics_server, self.metrics_address = serve_metrics(self.metrics.registry, a.metrics_port,
+                                                                               a.metrics_host)
+                    log.info("controller %s: autoscaler metrics on http://%s/metrics", self.config.name,
+                             self.metrics_address)
+                self._loop_task = asyncio.get_running_loop().create_task(self._run())
             return self._summary()
 
     async def _start(self) -> None:
         cfg = self.config
         spec = (await asyncio.to_thread(Checkpoint, cfg.checkpoint)).spec  # reads config.json and the index only
+        self.spec = spec
+        self.autoscaler = Autoscaler(cfg.autoscaler, spec, self.telemetry)
         plan = PlacementTable.round_robin(spec, [f"pending:{i}" for i in range(cfg.num_groups)])
         num_gpus = self._num_gpus()
         for i, name in enumerate(self.names):
@@ -175,6 +221,7 @@ class Controller:
             self.state.register_group(name, table.groups[i], table.slots_of(i))
         self.state.publish_placement(table)
         self._table = table
+        self._held = [set(table.slots_of(i)) for i in range(len(self.names))]
         log.info("controller %s: placement version %d published, groups %s", cfg.name, table.version,
                  dict(zip(self.names, table.groups)))
 
@@ -273,6 +320,13 @@ class Controller:
             # start() answered by the dying process with its old address (experts/group.py): the
             # next check_groups() sees the restarted process's None and tries again.
             raise GroupNotReadyError(f"group {self.names[i]}: start() returned {address}, which does not answer Stats")
+        # A restarted process loaded the slots it was created with; the table may say otherwise
+        # since (rebalances): load what it must serve before routers are sent there, drop the rest.
+        want = set(self._table.slots_of(i)) if i < len(self._table.groups) else set()
+        held = await self.rebalancer.load(address, want)
+        if held - want:
+            held = await self.rebalancer.unload(address, held - want)
+        self._held[i] = held
         return address
 
     async def _serves(self, address: str) -> bool:
@@ -285,23 +339,303 @@ class Controller:
         except grpc.aio.AioRpcError:
             return False
 
+    # ---- the control loop: repair, telemetry, autoscaling ------------------------------
+
+    async def _run(self) -> None:
+        """Every interval_s: groups Ray restarted are repaired (every repair_interval_s), group
+        counters go to Redis, manual requests are served, then one autoscaler round."""
+        loop = asyncio.get_running_loop()
+        repair_s = self.config.repair_interval_s
+        next_check = loop.time() + (repair_s or 0)
+        while True:
+            await asyncio.sleep(self.config.autoscaler.interval_s)
+            try:
+                if repair_s is not None and loop.time() >= next_check:
+                    next_check = loop.time() + repair_s
+                    result = await self.check_groups()
+                    if result["refreshed"] or result["failed"]:
+                        log.warning("controller %s: group check: %s", self.config.name, result)
+                await self._collect_group_stats()
+                await self._serve_requests()
+                await self.autoscale_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # Redis down, a group mid-restart: log, keep the loop, try next round
+                log.exception("controller %s: control round failed; next in %.1f s", self.config.name,
+                              self.config.autoscaler.interval_s)
+
+    async def _collect_group_stats(self) -> None:
+        """Groups count what they serve (Stats); the controller turns counts into per-round
+        deltas in Redis, so groups need no Redis of their own (experts/ knows nothing of it)."""
+        table = self._started()
+        names, addresses = list(self.names), list(table.groups)
+        replies = await asyncio.gather(*(grpc_call(a, "Stats", expert_pb2.StatsRequest(),
+                                                   self.config.health_timeout_s) for a in addresses),
+                                       return_exceptions=True)
+        now = time.time()
+        for name, reply in zip(names, replies):
+            if isinstance(reply, BaseException):
+                continue  # a group that does not answer adds nothing; check_groups repairs it
+            tokens = {(s.slot.layer, s.slot.expert): s.tokens for s in reply.slots}
+            last_tokens, last_busy, last_calls = self._last_stats.get(name, ({}, 0.0, 0))
+            if reply.busy_s < last_busy or reply.forward_calls < last_calls:  # restarted: counters from zero
+                last_tokens, last_busy, last_calls = {}, 0.0, 0
+            delta = {slot: n - last_tokens.get(slot, 0) for slot, n in tokens.items() if n > last_tokens.get(slot, 0)}
+            self._last_stats[name] = (tokens, reply.busy_s, reply.forward_calls)
+            await asyncio.to_thread(self.telemetry.record_group, name, delta, reply.busy_s - last_busy,
+                                    reply.forward_calls - last_calls, reply.queue_depth, now)
+
+    async def autoscale_once(self) -> Decision:
+        """One observe -> decide -> apply round (the loop calls it; tests may too)."""
+        async with self._lock:
+            table = self._started()
+            await asyncio.to_thread(self._ensure_published, table)
+            obs = await asyncio.to_thread(self.autoscaler.observe, table, list(self.names))
+            self._last_obs = obs
+            self._export(obs, table)
+            self.paused = await asyncio.to_thread(self.state.paused)
+            await self._finish_retiring()
+            if not self.config.autoscaler.enabled:
+                decision = Decision("hold", "autoscaler disabled (autoscaler.enabled: false)")
+            elif self._paused_now():
+                decision = Decision("hold", "paused (moectl autoscaler resume)")
+            elif self._adding is not None:
+                decision = Decision("hold", "a new group is starting")
+            else:
+                decision = self.autoscaler.decide(obs, table)
+            self.last_decision = decision
+            if decision.action == REBALANCE:
+                await self._rebalance(decision.placement, decision.reason)
+            elif decision.action == REMOVE_GROUP:
+                await self._remove_last_group(decision)
+            elif decision.action == ADD_GROUP:
+                self.autoscaler.changed()
+                self._adding = asyncio.get_running_loop().create_task(self._add_group(decision.reason))
+            await asyncio.to_thread(self.state.put_autoscaler_status, self.status())
+            return decision
+
+    def _ensure_published(self, table: PlacementTable) -> None:
+        """A Redis that restarted empty (no persistence) forgot the placement: publish it again,
+        so new routers and `moectl` find it. Running routers kept serving on theirs meanwhile."""
+        if self.state.placement_version() < table.version:
+            for i, name in enumerate(self.names[:len(table.groups)]):
+                self.state.register_group(name, table.groups[i], table.slots_of(i))
+            self.state.publish_placement(table)
+            log.warning("controller %s: Redis had lost placement v%d; published it again", self.config.name,
+                        table.version)
+
+    paused = False  # `moectl autoscaler pause` (a flag in Redis), as of the last round
+
+    def _paused_now(self) -> bool:
+        return self.paused
+
+    def status(self) -> dict:
+        """What the autoscaler did last, for `moectl` and the router's Status (JSON-able, no secrets)."""
+        obs, d = self._last_obs, self.last_decision
+        return {"version": self._table.version if self._table else 0, "groups": len(self.names),
+                "enabled": self.config.autoscaler.enabled, "paused": self.paused,
+                "imbalance": obs.imbalance if obs else None, "pairs_per_s": float(obs.loads.sum()) if obs else None,
+                "utilization": obs.utilization if obs else {},
+                "decision": {"action": d.action, "reason": d.reason} if d else None,
+                "last_rebalance": self.last_rebalance, "metrics": self.metrics_address,
+                "updated_at": time.time()}
+
+    def _export(self, obs: Observation, table: PlacementTable) -> None:
+        m, counts = self.metrics, table.to_placement(self.spec, 1).replica_counts()
+        m.imbalance.set(obs.imbalance)
+        m.groups.set(len(table.groups))
+        m.placement_version.set(table.version)
+        m.replicas.set(int(counts.sum()))
+        m.replicated.set(int((counts > 1).sum()))
+        for name, u in obs.utilization.items():
+            m.utilization.labels(name).set(u)
+        for l, layer in enumerate(self.spec.sparse_layers):
+            m.layer_max_load.labels(str(layer)).set(float(obs.loads[l].max()) if obs.loads.size else 0.0)
+            if m.per_expert:
+                for e in range(self.spec.num_experts):
+                    m.expert_load.labels(str(layer), str(e)).set(float(obs.loads[l, e]))
+                    m.expert_replicas.labels(str(layer), str(e)).set(int(counts[l, e]))
+
+    async def _rebalance(self, placement, reason: str, groups=None, keep: int | None = None) -> RebalanceResult:
+        """Apply a planner placement (call with self._lock held)."""
+        old = self._table
+        new = PlacementTable.from_placement(placement, self.spec, groups or old.groups, old.version + 1)
+        self.metrics.rebalances.labels("started").inc()
+        result = await self.rebalancer.apply(old, new, self._held, reason, keep)
+        self.metrics.rebalances.labels(result.result).inc()
+        self.metrics.rebalance_seconds.observe(result.seconds)
+        self.metrics.weights_moved.inc(result.weights_loaded)
+        self.metrics.weight_bytes_moved.inc(result.weights_loaded * self._expert_bytes())
+        if placement is not None and placement.expected_imbalance == placement.expected_imbalance:  # not NaN
+            self.metrics.planned_imbalance.set(placement.expected_imbalance)
+        if result.result != "failed":
+            self._table = new
+            for i in range(min(len(self.names), len(new.groups))):
+                self.state.register_group(self.names[i], new.groups[i], new.slots_of(i))
+        self.autoscaler.changed()  # a failure cools down too: no retry storm
+        self.last_rebalance = result.as_dict()
+        return result
+
+    def _no_load(self) -> np.ndarray:
+        return np.zeros((len(self.spec.sparse_layers), self.spec.num_experts))
+
+    def _expert_bytes(self) -> int:
+        spec = self.spec
+        itemsize = 4 if (self.config.group_dtype in (None, "float32") and not self._num_gpus()) else 2
+        return 3 * spec.hidden_size * spec.moe_intermediate_size * itemsize
+
+    async def _add_group(self, reason: str) -> None:
+        """Scale up: start one more group (outside the lock: waiting for a GPU node may take
+        minutes), then rebalance onto it."""
+        cfg = self.config
+        i = len(self.names)
+        name = f"{cfg.name}-group-{i}"
+        num_gpus = self._num_gpus()
+        try:
+            if num_gpus:
+                _request_gpus(len(self.names) + 1)  # lets the Ray/KubeRay autoscaler add a node ahead of time
+            group_config = ExpertGroupConfig(checkpoint=cfg.checkpoint, slots=[], device=cfg.group_device,
+                                             dtype=cfg.group_dtype, host=cfg.group_host, name=name)
+            options = dict(name=name, max_restarts=cfg.max_group_restarts, max_task_retries=0)
+            if num_gpus:
+                options["num_gpus"] = num_gpus
+            actor = ExpertGroupActor.options(**options).remote(group_config)
+            log.info("controller %s: adding group %s (%s)", cfg.name, name, reason)
+            address = await asyncio.wait_for(actor.start.remote(), cfg.group_start_timeout_s)
+        except Exception as e:
+            log.error("controller %s: could not add group %s: %s", cfg.name, name, e)
+            self.metrics.group_changes.labels("up_failed").inc()
+            self._adding = None
+            return
+        async with self._lock:
+            self.names.append(name)
+            self._actors.append(actor)
+            self._held.append(set())
+            old = self._table
+            widened = PlacementTable(old.version, old.groups + (address,), old.replicas, old.shares)
+            loads = self._last_obs.loads if self._last_obs is not None else self._no_load()
+            placement = self.autoscaler.plan(loads, widened, len(widened.groups))
+            self._table = widened  # not published: rebalance publishes v+1 with the new group in it
+            result = await self._rebalance(placement, f"scale up: {reason}", groups=widened.groups)
+            if result.result == "failed":
+                self._table = old
+                self.names.pop(), self._actors.pop(), self._held.pop()
+                await self._kill([(name, actor, address)])
+                self.metrics.group_changes.labels("up_failed").inc()
+            else:
+                self.state.register_group(name, address, self._table.slots_of(i))
+                self.metrics.group_changes.labels("up").inc()
+            self._adding = None
+
+    async def _remove_last_group(self, decision: Decision) -> None:
+        """Scale down: move the last group's replicas to the others, then stop it once drained."""
+        old = self._table
+        keep = len(old.groups) - 1
+        result = await self._rebalance(decision.placement, f"scale down: {decision.reason}", groups=old.groups[:keep],
+                                       keep=keep)
+        if result.result == "failed":
+            return
+        name, actor, address = self.names.pop(), self._actors.pop(), old.groups[keep]
+        self._held.pop()
+        self._retiring.append((name, actor, address, self._table.version))
+        self.metrics.group_changes.labels("down").inc()
+        await self._finish_retiring()
+
+    async def _finish_retiring(self) -> None:
+        """Kill removed groups once no router routes by a placement that still named them."""
+        if not self._retiring:
+            return
+        routers = await asyncio.to_thread(self.telemetry.routers)
+        oldest = min((r["version"] for r in routers.values()), default=None)
+        done = [g for g in self._retiring if oldest is None or oldest >= g[3]]
+        if done:
+            await self._kill([(name, actor, address) for name, actor, address, _ in done])
+            self._retiring = [g for g in self._retiring if g not in done]
+
+    async def _serve_requests(self) -> None:
+        """Manual changes queued by `moectl scale` (served even while the autoscaler is paused)."""
+        for request in await asyncio.to_thread(self.state.pop_requests):
+            try:
+                if request.get("kind") != "scale":
+                    raise ControllerError(f"unknown request kind {request.get('kind')!r}")
+                result = await self.scale(int(request["layer"]), int(request["expert"]), int(request["replicas"]))
+                outcome = {"ok": result["result"] != "failed", **result}
+            except (ControllerError, KeyError, ValueError, TypeError) as e:
+                outcome = {"ok": False, "error": str(e)}
+            await asyncio.to_thread(self.state.put_result, request["id"], outcome)
+
+    async def scale(self, layer: int, expert: int, replicas: int) -> dict:
+        """Give (layer, expert) exactly `replicas` replicas: new ones on the groups with the least
+        load that have room, removed ones from the busiest; shares even. Returns the rebalance."""
+        async with self._lock:
+            table, spec = self._started(), self.spec
+            G = len(table.groups)
+            if layer not in spec.sparse_layers:
+                raise ControllerError(f"layer {layer} is not an MoE layer (sparse layers: {list(spec.sparse_layers)})")
+            if not 0 <= expert < spec.num_experts:
+                raise ControllerError(f"expert must be in [0, {spec.num_experts - 1}], got {expert}")
+            if not 1 <= replicas <= G:
+                raise ControllerError(f"replicas must be in [1, {G}] (one per group at most), got {replicas}")
+            S = self.autoscaler.slots_per_group(G)
+            placement = table.to_placement(spec, S)
+            l = list(spec.sparse_layers).index(layer)
+            loads = self._last_obs.loads if self._last_obs is not None else self._no_load()
+            group_load = placement.group_loads(loads)[l]
+            slots, shares = placement.slots.copy(), placement.shares.copy()
+            holders = [g for g in range(G) if (slots[l, g] == expert).any()]
+            if replicas > len(holders):
+                room = [g for g in range(G) if g not in holders and (slots[l, g] < 0).any()]
+                if len(room) < replicas - len(holders):
+                    raise ControllerError(f"only {len(holders) + len(room)} group(s) have room for expert {expert} "
+                                          f"of layer {layer} ({S} slots per layer per group)")
+                for g in sorted(room, key=lambda g: (group_load[g], g))[:replicas - len(holders)]:
+                    slots[l, g, int(np.argmax(slots[l, g] < 0))] = expert
+            else:
+                for g in sorted(holders, key=lambda g: (-group_load[g], g))[:len(holders) - replicas]:
+                    slots[l, g][slots[l, g] == expert] = -1
+            mine = slots[l] == expert
+            shares[l][mine] = 1.0 / replicas
+            shares[l][slots[l] < 0] = 0.0
+            from cluster.placement import Placement
+
+            new = Placement(slots=slots, shares=shares, weight_loads=max(0, replicas - len(holders)),
+                            expected_imbalance=float("nan"))
+            if replicas == len(holders):
+                return {"result": "unchanged", "version": table.version}
+            result = await self._rebalance(new, f"moectl scale --layer {layer} --expert {expert} "
+                                                f"--replicas {replicas}")
+            return result.as_dict()
+
     # ---- shutdown ---------------------------------------------------------------------
 
     async def shutdown(self) -> None:
         """Kill every group (no restart), unregister it, and return once none answers any more.
         The placement stays in Redis, so the next controller publishes a higher version."""
+        for task in (self._loop_task, self._adding):
+            if task is not None:
+                task.cancel()
+        self._loop_task = self._adding = None
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server = None
         async with self._lock:
             await self._kill_all()
             self._table = None
 
     async def _kill_all(self) -> None:
-        addresses = self._table.groups if self._table is not None else (None,) * len(self._actors)
-        for name, actor in zip(self.names, self._actors):
+        addresses = list(self._table.groups if self._table is not None else (None,) * len(self._actors))
+        groups = list(zip(self.names, self._actors, addresses))
+        groups += [(name, actor, address) for name, actor, address, _ in self._retiring]
+        await self._kill(groups)
+        self._actors, self._held, self._retiring = [], [], []
+        self.names = [f"{self.config.name}-group-{i}" for i in range(self.config.num_groups)]
+
+    async def _kill(self, groups: list[tuple[str, object, str | None]]) -> None:
+        for name, actor, _ in groups:
             ray.kill(actor, no_restart=True)
             self.state.unregister_group(name)
             log.info("controller %s: killed group %s", self.config.name, name)
-        await asyncio.gather(*(self._wait_dead(*group) for group in zip(self.names, self._actors, addresses)))
-        self._actors = []
+        await asyncio.gather(*(self._wait_dead(*group) for group in groups))
 
     async def _wait_dead(self, name: str, actor, address: str | None, timeout_s: float = 10.0) -> None:
         """Wait (bounded) until Ray reports the group dead and its address stops answering.

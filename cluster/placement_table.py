@@ -56,6 +56,50 @@ class PlacementTable:
                     raise PlacementError(f"expert {expert} of layer {layer}: shares {list(shares)} must be one "
                                          f"non-negative number per replica ({len(gs)}) summing to 1")
 
+    def to_placement(self, spec: ModelSpec, slots_per_group: int):
+        """The planner's view (cluster/placement.py): slots/shares [L, G, S] over spec.sparse_layers.
+        S grows past slots_per_group when a group already holds more (the planner then trims)."""
+        import numpy as np
+
+        from cluster.placement import Placement
+
+        layers = list(spec.sparse_layers)
+        held = [[[] for _ in self.groups] for _ in layers]  # [L][G] -> [(expert, share)]
+        for (layer, expert), groups in self.replicas.items():
+            for g, share in zip(groups, self.shares_of((layer, expert))):
+                held[layers.index(layer)][g].append((expert, share))
+        width = max([slots_per_group] + [len(h) for per_layer in held for h in per_layer])
+        slots = np.full((len(layers), len(self.groups), width), -1, dtype=np.int64)
+        shares = np.zeros(slots.shape, dtype=np.float64)
+        for l, per_layer in enumerate(held):
+            for g, h in enumerate(per_layer):
+                for s, (expert, share) in enumerate(sorted(h)):
+                    slots[l, g, s], shares[l, g, s] = expert, share
+        return Placement(slots=slots, shares=shares, weight_loads=0, expected_imbalance=float("nan"))
+
+    @classmethod
+    def from_placement(cls, placement, spec: ModelSpec, groups, version: int) -> "PlacementTable":
+        """A table for placement (planner indices: layer l is spec.sparse_layers[l], group g is groups[g])."""
+        replicas: dict[tuple[int, int], list[int]] = {}
+        shares: dict[tuple[int, int], list[float]] = {}
+        L, G, S = placement.slots.shape
+        for l in range(L):
+            for g in range(G):
+                for s in range(S):
+                    expert = int(placement.slots[l, g, s])
+                    if expert >= 0:
+                        key = (spec.sparse_layers[l], expert)
+                        replicas.setdefault(key, []).append(g)
+                        shares.setdefault(key, []).append(float(placement.shares[l, g, s]))
+        for key, values in shares.items():  # exact sums: JSON round trips and validate() compare to 1
+            total = sum(values)
+            shares[key] = [v / total for v in values] if total > 0 else [1.0 / len(values)] * len(values)
+        even = {k for k, v in shares.items() if len(v) == 1}
+        table = cls(version, tuple(groups), {k: tuple(v) for k, v in replicas.items()},
+                    {k: tuple(v) for k, v in shares.items() if k not in even})
+        table.validate(spec)
+        return table
+
     def to_json(self) -> str:
         # [layer, expert, [group ids]] for an even split, [layer, expert, [group ids], [shares]] otherwise
         rows = [[l, e, list(gs)] + ([list(self.shares[(l, e)])] if (l, e) in self.shares else [])

@@ -4,6 +4,10 @@
     -> controller actor -> expert groups (loaded, serving) -> placement v1 in Redis
     -> Serve gRPC ingress on --port -> RouterDeployment -> wait for Ctrl-C
     -> Serve down, groups and controller killed, redis stopped
+
+The controller repairs groups and runs the autoscaler on its own loop; this process
+only waits. While it runs, SERVE_FILE tells `moectl placement/scale/autoscaler`
+where Redis is.
 """
 from __future__ import annotations
 
@@ -15,7 +19,6 @@ import threading
 log = logging.getLogger(__name__)
 
 RAY_NAMESPACE = "elasticmoe"
-CHECK_GROUPS_S = 2.0  # how often the foreground process asks the controller to check its groups
 
 
 def add_arguments(p) -> None:
@@ -27,6 +30,27 @@ def add_arguments(p) -> None:
     p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="router (dense part) dtype; groups use bf16 on GPU, fp32 on CPU")
+    p.add_argument("--autoscaler", action="append", default=[], metavar="KEY=VALUE",
+                   help="an AutoscalerConfig setting (cluster/autoscaler_config.py), repeatable: e.g. "
+                        "--autoscaler max_groups=4 --autoscaler cooldown_s=10 --autoscaler enabled=false")
+    p.add_argument("--metrics-port", type=int, default=9100,
+                   help="router Prometheus port (default 9100; the autoscaler's is autoscaler.metrics_port, 9101)")
+
+
+def parse_settings(pairs: list[str]) -> dict:
+    """["max_groups=4", "enabled=false"] -> {"max_groups": 4, "enabled": False}; values are JSON, else strings."""
+    import json
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--autoscaler takes KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
 
 
 def run(args) -> int:
@@ -37,6 +61,9 @@ def run(args) -> int:
     from cluster.checkpoint import Checkpoint
 
     Checkpoint(args.checkpoint)  # fail in one line on a bad checkpoint, before starting anything
+    from cluster.autoscaler_config import AutoscalerConfig
+
+    autoscaler = AutoscalerConfig.from_dict(parse_settings(args.autoscaler))  # bad settings fail here, in one line
 
     import ray
     from ray import serve
@@ -54,7 +81,8 @@ def run(args) -> int:
     try:
         # A named namespace: the detached controller is then reachable by name from other drivers.
         ray.init(address=args.address, namespace=RAY_NAMESPACE, include_dashboard=False, log_to_driver=False)
-        config = ControllerConfig(checkpoint=str(args.checkpoint), num_groups=args.groups, redis_url=redis_url)
+        config = ControllerConfig(checkpoint=str(args.checkpoint), num_groups=args.groups, redis_url=redis_url,
+                                  autoscaler=autoscaler)
         # Detached and named, so routers and `moectl` on other nodes can find it; this process owns it
         # all the same and kills it on exit (below).
         controller = ControllerActor.options(name=config.name, lifetime="detached").remote(config)
@@ -66,21 +94,46 @@ def run(args) -> int:
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()},  # HTTP unused: clients speak gRPC
                     grpc_options={"port": args.port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS})
         serve.run(build_app({"checkpoint": str(args.checkpoint), "placement": placement, "dtype": args.dtype,
-                              "redis_url": redis_url}),
+                              "redis_url": redis_url, "metrics_port": args.metrics_port}),
                   name="moe")
+        _write_serve_file(redis_url, args.port)
         print(f"serving elasticmoe.v1.MoEService on port {args.port}; Ctrl-C stops\n"
-              f"  try: moectl generate --address 127.0.0.1:{args.port} \"Mixture-of-Experts\"", flush=True)
-        while not stop.wait(CHECK_GROUPS_S):  # groups Ray restarted come back on new ports: re-publish them
-            try:
-                result = ray.get(controller.check_groups.remote(), timeout=120)
-                if result.get("refreshed") or result.get("failed"):
-                    log.warning("group check: %s", result)
-            except Exception:
-                log.exception("group check failed; will retry in %.0f s", CHECK_GROUPS_S)
+              f"  try: moectl generate --address 127.0.0.1:{args.port} \"Mixture-of-Experts\"\n"
+              f"       moectl placement show    (autoscaler: {'on' if autoscaler.enabled else 'off'}, "
+              f"groups {autoscaler.min_groups}..{autoscaler.max_groups or args.groups})", flush=True)
+        while not stop.wait(1.0):  # the controller's own loop repairs groups and autoscales
+            pass
         print("shutting down ...", file=sys.stderr, flush=True)
         return 0
     finally:
+        _remove_serve_file()
         _shutdown(controller, redis)
+
+
+def _write_serve_file(redis_url: str, port: int) -> None:
+    import json
+    import os
+
+    from cluster.placement_cmd import SERVE_FILE
+
+    SERVE_FILE.parent.mkdir(parents=True, exist_ok=True)
+    # 0600: the URL may carry the Redis password
+    fd = os.open(SERVE_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"redis_url": redis_url, "port": port, "pid": os.getpid()}, f)
+
+
+def _remove_serve_file() -> None:
+    import json
+    import os
+
+    from cluster.placement_cmd import SERVE_FILE
+
+    try:
+        if json.loads(SERVE_FILE.read_text()).get("pid") == os.getpid():  # only ours
+            SERVE_FILE.unlink()
+    except (OSError, ValueError):
+        pass
 
 
 def _shutdown(controller, redis) -> None:

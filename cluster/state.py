@@ -15,6 +15,12 @@ Redis under different namespaces):
 | `{ns}:placement:version` | string (int) | the version of `{ns}:placement`; only ever increases |
 | `{ns}:placement:changes` | pub/sub channel | one message per published placement; the payload is the new version as a decimal string |
 | `{ns}:groups` | hash | expert group name -> JSON `{"address": "host:port", "slots": [[layer, expert], ...], "updated_at": unix seconds}` |
+| `{ns}:autoscaler:paused` | string | "1" while `moectl autoscaler pause` holds; absent otherwise |
+| `{ns}:autoscaler:status` | string | JSON written by the controller every round: last decision, last rebalance, imbalance, groups |
+| `{ns}:autoscaler:requests` | list | manual changes (`moectl scale`) waiting for the controller, JSON each |
+| `{ns}:autoscaler:results` | hash | request id -> JSON outcome, kept an hour |
+
+Telemetry (load per expert, group utilisation, router heartbeats) has its own keys: cluster/telemetry.py.
 
 Why the version has its own key: a router polls it with one cheap GET (and compares
 an int) instead of fetching and parsing the whole table. Why the write is one MULTI
@@ -95,6 +101,10 @@ class ClusterState:
         self.version_key = f"{namespace}:placement:version"
         self.changes_channel = f"{namespace}:placement:changes"
         self.groups_key = f"{namespace}:groups"
+        self.paused_key = f"{namespace}:autoscaler:paused"
+        self.autoscaler_status_key = f"{namespace}:autoscaler:status"
+        self.requests_key = f"{namespace}:autoscaler:requests"
+        self.results_key = f"{namespace}:autoscaler:results"
 
     def close(self) -> None:
         self.client.close()
@@ -194,3 +204,44 @@ class ClusterState:
             except (ValueError, KeyError, TypeError) as e:
                 raise ClusterStateError(f"{self.groups_key}[{name!r}] in {self.url_for_logs} is malformed: {e}") from e
         return out
+
+    # ---- autoscaler control ---------------------------------------------------------
+
+    def set_paused(self, paused: bool) -> None:
+        if paused:
+            self.client.set(self.paused_key, "1")
+        else:
+            self.client.delete(self.paused_key)
+
+    def paused(self) -> bool:
+        return self.client.get(self.paused_key) == "1"
+
+    def put_autoscaler_status(self, status: dict) -> None:
+        self.client.set(self.autoscaler_status_key, json.dumps(status))
+
+    def autoscaler_status(self) -> dict | None:
+        text = self.client.get(self.autoscaler_status_key)
+        return json.loads(text) if text else None
+
+    def push_request(self, request: dict) -> str:
+        """Queue a manual change for the controller; returns its id (wait with result())."""
+        request_id = f"req-{time.time_ns()}"
+        self.client.rpush(self.requests_key, json.dumps({**request, "id": request_id}))
+        return request_id
+
+    def pop_requests(self) -> list[dict]:
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.lrange(self.requests_key, 0, -1)
+            pipe.delete(self.requests_key)
+            texts, _ = pipe.execute()
+        return [json.loads(t) for t in texts]
+
+    def put_result(self, request_id: str, result: dict) -> None:
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.hset(self.results_key, request_id, json.dumps(result))
+            pipe.expire(self.results_key, 3600)
+            pipe.execute()
+
+    def result(self, request_id: str) -> dict | None:
+        text = self.client.hget(self.results_key, request_id)
+        return json.loads(text) if text else None

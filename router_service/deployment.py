@@ -94,9 +94,9 @@ class Router:
         if config.metrics_port is not None:
             self.metrics_server, self.metrics_address = serve_metrics(self.metrics.registry, config.metrics_port,
                                                                       config.metrics_host)
-        self.follower, self.reporter = None, None
+        self.follower, self.reporter, self.state = None, None, None
         if config.redis_url:
-            state = ClusterState(config.redis_url, config.redis_namespace)
+            self.state = state = ClusterState(config.redis_url, config.redis_namespace)
             self.follower = PlacementFollower(self.experts, state, config.placement_poll_s)
             self.reporter = TelemetryReporter(self.experts, Telemetry(state), config.telemetry_flush_s,
                                               metrics_address=self.metrics_address, on_flush=self._on_flush)
@@ -127,9 +127,31 @@ class Router:
                                             experts=[serving_pb2.ExpertRef(layer=l, expert=e)
                                                      for l, e in table.slots_of(g)])
                     for g, a in enumerate(table.groups)],
-            placement=[serving_pb2.PlacementEntry(layer=l, expert=e, groups=[f"group-{g}" for g in gs])
+            placement=[serving_pb2.PlacementEntry(layer=l, expert=e, groups=[f"group-{g}" for g in gs],
+                                                  shares=table.shares_of((l, e)))
                        for (l, e), gs in sorted(table.replicas.items())],
-            load=[serving_pb2.ExpertLoad(layer=l, expert=e, tokens=n) for (l, e), n in sorted(load.items())])
+            load=[serving_pb2.ExpertLoad(layer=l, expert=e, tokens=n) for (l, e), n in sorted(load.items())],
+            autoscaler=self._autoscaler_status())
+
+    def _autoscaler_status(self) -> serving_pb2.AutoscalerStatus | None:
+        """What the controller last wrote to Redis; None without Redis or when it is unreachable."""
+        if self.state is None:
+            return None
+        try:
+            s = self.state.autoscaler_status()
+            paused = self.state.paused()
+        except Exception as e:  # Status must answer while Redis is down
+            log.debug("autoscaler status unavailable: %s", e)
+            return None
+        if s is None:
+            return None
+        decision, last = s.get("decision") or {}, s.get("last_rebalance") or {}
+        return serving_pb2.AutoscalerStatus(
+            enabled=bool(s.get("enabled")), paused=paused, imbalance=float(s.get("imbalance") or 0.0),
+            decision=decision.get("action", ""), reason=decision.get("reason", ""),
+            last_rebalance=last.get("result", ""), last_rebalance_error=last.get("error", ""),
+            last_rebalance_version=int(last.get("to_version", 0)), last_rebalance_seconds=float(last.get("seconds", 0.0)),
+            groups=int(s.get("groups", 0)))
 
     def serving(self) -> bool:
         """Every expert has a replica on a group that answers Stats (the health check)."""

@@ -44,8 +44,10 @@ def held_slots(address: str) -> list[tuple[int, int]]:
 
 def test_controller_starts_repairs_and_shuts_down_groups(local_ray, redis_server, tiny_checkpoint):
     name = f"test-controller-{uuid.uuid4().hex[:8]}"  # unique: named actors outlive a failed test run's module
+    # repairs on call only: this test calls check_groups() itself and checks what it returns
     config = ControllerConfig(checkpoint=str(tiny_checkpoint), num_groups=2, redis_url=redis_server.url,
-                              group_device="cpu", name=name)
+                              group_device="cpu", name=name, repair_interval_s=None,
+                              autoscaler={"metrics_port": 0})
     controller = ControllerActor.options(name=name).remote(config)
     state = ClusterState(redis_server.url)
     try:

@@ -1,0 +1,184 @@
+"""The autoscaler end to end: real Ray (controller and group actors), a real redis-server,
+real gRPC, and a real router in this process (engine, RemoteExperts, placement follower,
+telemetry reporter; Serve's ingress is tested elsewhere).
+
+Under traffic skewed to some experts, replicas of exactly those experts appear and
+the imbalance falls; when the skew moves, replicas follow; when traffic stops, the
+extra replicas (and groups) go away. Every request succeeds, with the reference's
+tokens, throughout. Redis stopped under load for 10 s fails nothing.
+"""
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+import ray
+from traffic import Traffic, hot_tokens, wait_for
+
+from cluster.checkpoint import Checkpoint
+from cluster.controller import ControllerActor, ControllerConfig
+from cluster.redis_server import EmbeddedRedis
+from cluster.state import ClusterState
+from cluster.telemetry import Telemetry
+from router_service.deployment import Router, RouterConfig
+from router_service.model import ReferenceModel
+
+FAST = dict(interval_s=0.25, window_s=2.0, sustain_s=0.5, cooldown_s=1.5, min_tokens=20, metrics_port=0,
+            drain_timeout_s=10.0)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    return ReferenceModel.from_pretrained(tiny_checkpoint)
+
+
+class Cluster:
+    """Controller + groups on Ray, Redis, and one router in this process."""
+
+    def __init__(self, checkpoint, redis_url: str, num_groups: int, autoscaler: dict):
+        self.name = f"test-autoscaler-{uuid.uuid4().hex[:8]}"
+        self.namespace = self.name
+        config = ControllerConfig(checkpoint=str(checkpoint), num_groups=num_groups, redis_url=redis_url,
+                                  redis_namespace=self.namespace, group_device="cpu", name=self.name,
+                                  autoscaler=autoscaler)
+        self.controller = ControllerActor.options(name=self.name).remote(config)
+        ray.get(self.controller.start.remote(), timeout=120)
+        self.state = ClusterState(redis_url, self.namespace)
+        self.router = Router(RouterConfig(checkpoint=str(checkpoint), placement=self.state.load_placement().to_json(),
+                                          redis_url=redis_url, redis_namespace=self.namespace, placement_poll_s=0.1,
+                                          metrics_port=0))
+        self.spec = Checkpoint(checkpoint).spec
+
+    def replica_counts(self) -> dict[tuple[int, int], int]:
+        return {slot: len(gs) for slot, gs in self.state.load_placement().replicas.items()}
+
+    def replicated(self) -> set[tuple[int, int]]:
+        return {slot for slot, n in self.replica_counts().items() if n > 1}
+
+    def status(self) -> dict:
+        return self.state.autoscaler_status() or {}
+
+    def close(self) -> None:
+        self.router.close()
+        try:
+            ray.get(self.controller.shutdown.remote(), timeout=60)
+        finally:
+            ray.kill(self.controller)
+            self.state.close()
+
+
+def hot_experts(state: ClusterState, spec, window_s: float) -> set[tuple[int, int]]:
+    """(layer, expert) pairs with more load than their layer's mean in the last window."""
+    load = Telemetry(state).expert_load(window_s)
+    hot = set()
+    for layer in spec.sparse_layers:
+        row = np.array([load.get((layer, e), 0) for e in range(spec.num_experts)], dtype=float)
+        hot |= {(layer, e) for e in range(spec.num_experts) if row[e] > row.mean()}
+    return hot
+
+
+def test_replicas_follow_the_skew_and_go_away(local_ray, tiny_checkpoint, reference):
+    with EmbeddedRedis() as redis:
+        cluster = Cluster(tiny_checkpoint, redis.url, 2, FAST)
+        traffic = None
+        try:
+            spec = cluster.spec
+            assert cluster.replicated() == set()  # round-robin start: one replica each, evens on group 0
+
+            # phase 1: traffic on the even experts, all on group 0
+            traffic = Traffic(cluster.router, reference, hot_tokens(reference, {0, 2, 4, 6}, 8), seed=1)
+            wait_for(lambda: (cluster.status().get("imbalance") or 0) > FAST.get("imbalance_threshold", 1.15),
+                     30, what="the autoscaler to see the skew")
+            before = cluster.status()["imbalance"]
+            replicated = wait_for(cluster.replicated, 40, what="replicas of the hot experts")
+            hot = hot_experts(cluster.state, spec, 4.0)
+            assert replicated <= hot, f"replicated {sorted(replicated)} but hot {sorted(hot)}"
+            last = wait_for(lambda: cluster.status().get("last_rebalance"), 20, what="the rebalance to finish")
+            assert last["result"] == "finished" and last["weights_loaded"] >= len(replicated), last
+            after = wait_for(lambda: cluster.status().get("imbalance") if cluster.status()["version"] ==
+                             last["to_version"] and cluster.status()["imbalance"] < before else None,
+                             20, what="the imbalance to fall")
+            assert after < before
+            traffic.stop()
+
+            # phase 2: the skew moves to the odd experts; replicas follow
+            traffic = Traffic(cluster.router, reference, hot_tokens(reference, {1, 3, 5, 7}, 8), seed=2)
+            moved = wait_for(lambda: {s for s in cluster.replicated() if s[1] % 2 == 1}, 60,
+                             what="replicas of the new hot experts")
+            assert moved <= hot_experts(cluster.state, spec, 4.0) | moved  # sanity: they exist
+            assert moved <= {(l, e) for l in spec.sparse_layers for e in (1, 3, 5, 7)}
+            traffic.stop()
+            assert traffic.failed == 0 and traffic.mismatched == 0, traffic.errors[:5]
+
+            # phase 3: traffic stops; the extra replicas go away
+            wait_for(lambda: not cluster.replicated(), 40, what="extra replicas to be dropped")
+            assert set(cluster.replica_counts().values()) == {1}
+        finally:
+            if traffic is not None:
+                traffic.stop()
+                assert traffic.failed == 0, traffic.errors[:5]
+                assert traffic.mismatched == 0, traffic.errors[:5]
+            cluster.close()
+
+
+def test_groups_scale_with_utilisation(local_ray, tiny_checkpoint, reference):
+    """Busy groups add one (up to max_groups); idle ones are removed (down to min_groups)."""
+    autoscaler = {**FAST, "min_groups": 1, "max_groups": 2, "scale_up_utilization": 0.001,
+                  "scale_down_utilization": 0.0005, "scale_sustain_s": 1.0}
+    with EmbeddedRedis() as redis:
+        cluster = Cluster(tiny_checkpoint, redis.url, 1, autoscaler)
+        traffic = None
+        try:
+            traffic = Traffic(cluster.router, reference, list(range(2, 200)), seed=3)
+            wait_for(lambda: len(cluster.state.load_placement().groups) == 2, 60, what="a second group")
+            table = cluster.state.load_placement()
+            assert {g for gs in table.replicas.values() for g in gs} == {0, 1}  # the new group serves experts
+            wait_for(lambda: cluster.router.experts.table.version >= table.version, 10,
+                     what="the router to switch")
+            traffic.stop()
+            assert traffic.failed == 0 and traffic.mismatched == 0, traffic.errors[:5]
+            ok = traffic.ok
+            assert ok > 0
+            wait_for(lambda: len(cluster.state.load_placement().groups) == 1, 60, what="the idle group to go")
+            assert len(cluster.state.groups()) == 1
+        finally:
+            if traffic is not None:
+                traffic.stop()
+            cluster.close()
+
+
+def test_redis_down_for_10_s_under_load_fails_nothing(local_ray, tiny_checkpoint, reference):
+    redis = EmbeddedRedis()
+    cluster = Cluster(tiny_checkpoint, redis.url, 2, {**FAST, "enabled": False})
+    traffic = Traffic(cluster.router, reference, list(range(2, 200)), seed=4)
+    reporter = cluster.router.reporter
+    try:
+        wait_for(lambda: traffic.ok >= 3, 30, what="traffic")
+        port = redis.port
+        redis.stop()
+        served_before = traffic.ok
+        wait_for(lambda: reporter.dropped > 0, 10, what="telemetry to notice")
+        import time
+
+        time.sleep(10)
+        assert traffic.ok > served_before  # kept serving on the last placement
+        redis = EmbeddedRedis(port=port)  # back, empty (no persistence)
+        flushes = reporter.flushes
+        wait_for(lambda: reporter.flushes > flushes, 15, what="telemetry to resume")
+        wait_for(lambda: Telemetry(cluster.state).expert_load(5.0), 15, what="load in the new Redis")
+        # the controller notices the empty Redis and publishes its placement again
+        wait_for(lambda: cluster.state.load_placement() is not None, 15, what="the placement re-published")
+        traffic.stop()
+        assert traffic.failed == 0 and traffic.mismatched == 0, traffic.errors[:5]
+    finally:
+        traffic.stop()
+        cluster.close()
+        redis.stop()

@@ -25,6 +25,7 @@ from router_service.deployment import Router, RouterConfig
 from router_service.model import ReferenceModel
 
 FAST = dict(interval_s=0.25, window_s=2.0, sustain_s=0.5, cooldown_s=1.5, min_tokens=20, metrics_port=0,
+            metrics_host="127.0.0.1",
             drain_timeout_s=10.0)
 
 
@@ -54,7 +55,7 @@ class Cluster:
         self.state = ClusterState(redis_url, self.namespace)
         self.router = Router(RouterConfig(checkpoint=str(checkpoint), placement=self.state.load_placement().to_json(),
                                           redis_url=redis_url, redis_namespace=self.namespace, placement_poll_s=0.1,
-                                          metrics_port=0))
+                                          metrics_port=0, metrics_host="127.0.0.1"))
         self.spec = Checkpoint(checkpoint).spec
 
     def replica_counts(self) -> dict[tuple[int, int], int]:
@@ -182,3 +183,51 @@ def test_redis_down_for_10_s_under_load_fails_nothing(local_ray, tiny_checkpoint
         traffic.stop()
         cluster.close()
         redis.stop()
+
+
+def test_manual_scale_while_paused_and_metrics(local_ray, tiny_checkpoint, reference, capsys):
+    """`moectl scale` works while the autoscaler is paused; bad values are clear errors; the
+    router and the autoscaler export Prometheus metrics over HTTP."""
+    import urllib.request
+
+    from cluster.cli import main
+
+    with EmbeddedRedis() as redis:
+        cluster = Cluster(tiny_checkpoint, redis.url, 2, FAST)
+        flags = ["--redis-url", redis.url, "--namespace", cluster.namespace]
+        traffic = None
+        try:
+            assert main(["autoscaler", "pause", *flags]) == 0
+            traffic = Traffic(cluster.router, reference, list(range(2, 200)), seed=5)
+            layer = cluster.spec.sparse_layers[-1]
+            assert main(["scale", "--layer", str(layer), "--expert", "3", "--replicas", "2", *flags]) == 0
+            assert cluster.replica_counts()[(layer, 3)] == 2
+            assert "2 replica(s)" in capsys.readouterr().out
+            assert main(["scale", "--layer", str(layer), "--expert", "3", "--replicas", "5", *flags]) == 2
+            assert "replicas must be in [1, 2]" in capsys.readouterr().err
+            assert main(["placement", "show", *flags]) == 0
+            shown = capsys.readouterr().out
+            assert f"layer {layer}" in shown and "imbalance" in shown and "...2...." in shown  # expert 3: 2 replicas
+            assert main(["placement", "plan", *flags]) == 0
+            assert "weight load(s)" in capsys.readouterr().out
+            wait_for(lambda: traffic.ok >= 3, 30, what="traffic")
+            assert main(["scale", "--layer", str(layer), "--expert", "3", "--replicas", "1", *flags]) == 0
+            assert cluster.replica_counts()[(layer, 3)] == 1
+            assert cluster.status()["paused"] is True  # paused all along: only the manual changes happened
+            traffic.stop()
+            assert traffic.failed == 0 and traffic.mismatched == 0, traffic.errors[:5]
+
+            router_metrics = urllib.request.urlopen(f"http://{cluster.router.metrics_address}/metrics",
+                                                    timeout=10).read().decode()
+            assert "elasticmoe_routed_pairs_total" in router_metrics and "elasticmoe_forward_seconds" in router_metrics
+            assert "elasticmoe_expert_routed_pairs" not in router_metrics  # per-expert series only when asked
+            address = cluster.status()["metrics"]
+            scaler_metrics = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
+            for name in ("elasticmoe_imbalance", "elasticmoe_rebalances_total", "elasticmoe_weights_moved_total",
+                         "elasticmoe_group_utilization", "elasticmoe_replicas"):
+                assert name in scaler_metrics, name
+            assert 'elasticmoe_rebalances_total{result="finished"} 2.0' in scaler_metrics
+        finally:
+            if traffic is not None:
+                traffic.stop()
+            cluster.close()

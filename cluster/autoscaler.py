@@ -93,13 +93,14 @@ class Autoscaler:
 
     def decide(self, obs: Observation, table: PlacementTable) -> Decision:
         cfg, G = self.config, len(table.groups)
-        max_groups = cfg.max_groups if cfg.max_groups is not None else G
+        scaling = cfg.max_groups is not None  # None: the group count stays as the controller started it
+        max_groups = cfg.max_groups if scaling else G
         idle = obs.pairs < cfg.min_tokens
         current = table.to_placement(self.spec, self.slots_per_group(G))
         extra = bool((current.replica_counts() > 1).any())
         held = {  # every condition is evaluated each round, so its timer resets the moment it stops holding
             "busy": self._held("busy", obs.mean_utilization > cfg.scale_up_utilization and G < max_groups, obs.now),
-            "quiet": self._held("quiet", (idle or obs.mean_utilization < cfg.scale_down_utilization)
+            "quiet": self._held("quiet", scaling and (idle or obs.mean_utilization < cfg.scale_down_utilization)
                                 and G > cfg.min_groups, obs.now),
             "idle": self._held("idle", idle and extra, obs.now),
             "imbalanced": self._held("imbalanced", not idle and obs.imbalance > cfg.imbalance_threshold, obs.now),

@@ -23,8 +23,8 @@ class AutoscalerConfig:
     sustain_s: float = 2.0  # a condition (imbalanced, idle, hot, cold) must hold this long before acting
     cooldown_s: float = 5.0  # after a placement change, wait this long before the next
     min_tokens: int = 64  # fewer routed (token, expert) pairs in a window count as no traffic
-    min_groups: int = 1
-    max_groups: int | None = None  # None = the controller's num_groups: no group scaling
+    min_groups: int = 1  # with max_groups set: never fewer groups than this
+    max_groups: int | None = None  # None = no group scaling: the controller's num_groups stay
     scale_up_utilization: float = 0.8  # mean group busy fraction above this for scale_sustain_s adds a group
     scale_down_utilization: float = 0.2  # below this for scale_sustain_s removes a group (down to min_groups)
     scale_sustain_s: float = 30.0

@@ -11,7 +11,10 @@
     C       skewed traffic on the balanced placement:        throughput, p99 inter-token latency ("after")
 
 The autoscaler runs with its defaults (cluster/autoscaler_config.py) unless --autoscaler
-says otherwise. Traffic is --streams concurrent greedy streams, each looping over
+says otherwise. With --address, the same phases run against a service that is already up
+(`make serve`): traffic goes through the client SDK, the autoscaler is paused and resumed
+through Redis (the URL as for `moectl placement`), and `moectl placement show` in another
+terminal shows the replicas appear. Traffic is --streams concurrent greedy streams, each looping over
 prompts of --prompt-tokens tokens and --new-tokens new tokens.
 """
 from __future__ import annotations
@@ -31,15 +34,24 @@ def add_arguments(p) -> None:
     p.add_argument("--phase-s", type=float, default=20.0, help="length of the before/after phases (default 20)")
     p.add_argument("--hot-tokens", type=int, default=16, help="distinct tokens in skewed prompts (default 16)")
     p.add_argument("--timeout-s", type=float, default=60.0, help="give up waiting for balance after this long")
+    p.add_argument("--group-threads", type=int, default=None,
+                   help="torch threads per group (default: torch's, every core); 1 makes CPU groups behave like "
+                        "separate devices")
     p.add_argument("--autoscaler", action="append", default=[], metavar="KEY=VALUE",
                    help="an AutoscalerConfig setting, repeatable (default: the defaults)")
+    p.add_argument("--address", default=None,
+                   help="drive a running service (HOST:PORT) through the SDK instead of starting a cluster")
+    from cluster.placement_cmd import add_redis_arguments
+
+    add_redis_arguments(p)
 
 
 class _Load:
-    """Streams of greedy generation against an engine; token times recorded per stream."""
+    """Streams of greedy generation; token times recorded per stream. `generate(prompt, n, emit)`
+    runs one request and calls emit(failed: bool, finished: bool) per token."""
 
-    def __init__(self, engine, prompts_of, streams: int, new_tokens: int):
-        self.engine, self.prompts_of, self.new_tokens = engine, prompts_of, new_tokens
+    def __init__(self, generate, prompts_of, streams: int, new_tokens: int):
+        self.generate, self.prompts_of, self.new_tokens = generate, prompts_of, new_tokens
         self.gaps: list[tuple[float, float]] = []  # (time the token came, seconds since the previous one)
         self.tokens: list[float] = []  # time of every token
         self.failures = 0
@@ -50,23 +62,21 @@ class _Load:
             t.start()
 
     def _stream(self, i: int) -> None:
-        from router_service.sampling import SamplingParams
-
         rng = random.Random(i)
         while not self._stop.is_set():
             done, times = threading.Event(), []
 
-            def emit(event, times=times, done=done):
-                if event.error is not None:
+            def emit(failed: bool, finished: bool, times=times, done=done):
+                if failed:
                     with self._lock:
                         self.failures += 1
                     done.set()
                     return
                 times.append(time.perf_counter())
-                if event.finish_reason is not None:
+                if finished:
                     done.set()
 
-            self.engine.submit(self.prompts_of(rng), SamplingParams(max_tokens=self.new_tokens), emit)
+            self.generate(self.prompts_of(rng), self.new_tokens, emit)
             done.wait(120)
             with self._lock:
                 self.tokens.extend(times)
@@ -99,6 +109,8 @@ def run(args) -> int:
     from router_service.model import ReferenceModel
 
     settings = AutoscalerConfig.from_dict({"metrics_port": None, **parse_settings(args.autoscaler)})
+    if args.address:
+        return _against_service(args, settings)
     spec = Checkpoint(args.checkpoint).spec
     reference = ReferenceModel.from_pretrained(args.checkpoint)
     group0 = {e for e in range(spec.num_experts) if e % args.groups == 0}
@@ -107,7 +119,7 @@ def run(args) -> int:
     uniform = list(range(2, spec.vocab_size))
     print(f"{spec.family} {args.checkpoint}: {args.groups} groups, {args.streams} streams x {args.new_tokens} new "
           f"tokens, prompts of {args.prompt_tokens}; skew: {len(hot)} tokens routed mostly to group 0's experts "
-          f"{sorted(group0)}")
+          f"{sorted(group0)}; torch threads per group: {args.group_threads or 'default'}")
 
     redis = EmbeddedRedis()
     ray.init(include_dashboard=False, log_to_driver=False, namespace="elasticmoe-bench")
@@ -118,60 +130,16 @@ def run(args) -> int:
         state.set_paused(True)
         controller = ControllerActor.options(name=name).remote(ControllerConfig(
             checkpoint=str(args.checkpoint), num_groups=args.groups, redis_url=redis.url, redis_namespace="bench",
-            group_device="cpu", name=name, autoscaler=settings))
+            group_device="cpu", name=name, autoscaler=settings, group_cpu_threads=args.group_threads))
         ray.get(controller.start.remote())
         router = Router(RouterConfig(checkpoint=str(args.checkpoint), placement=state.load_placement().to_json(),
                                      redis_url=redis.url, redis_namespace="bench", metrics_port=None,
                                      max_new_tokens=args.new_tokens))
         mode = {"tokens": hot}
-        load = _Load(router.engine, lambda rng: [rng.choice(mode["tokens"]) for _ in range(args.prompt_tokens)],
+        load = _Load(_engine_generate(router.engine),
+                     lambda rng: [rng.choice(mode["tokens"]) for _ in range(args.prompt_tokens)],
                      args.streams, args.new_tokens)
-
-        time.sleep(3)  # warm-up
-        a0 = time.perf_counter()
-        time.sleep(args.phase_s)
-        before = load.window(a0, time.perf_counter())
-        imbalance_before = _imbalance(state, settings, controller)
-        print(f"A before (static placement): {before[0]:.0f} tokens/s, p99 inter-token {before[1] * 1e3:.0f} ms "
-              f"({before[2]} gaps); imbalance {imbalance_before:.2f}")
-
-        mode["tokens"] = uniform
-        time.sleep(settings.window_s + 2)  # the window forgets the skew
-        state.set_paused(False)
-        time.sleep(2)
-        version0 = state.placement_version()
-        mode["tokens"] = hot
-        onset, onset_wall = time.perf_counter(), time.time()
-        balanced_at, rebalance = None, None
-        while time.perf_counter() - onset < args.timeout_s:
-            status = state.autoscaler_status() or {}
-            last = status.get("last_rebalance") or {}
-            if last.get("to_version", 0) > version0 and last.get("result") == "finished":
-                rebalance = last
-                if (status.get("imbalance") or 9) <= settings.imbalance_threshold:
-                    balanced_at = time.perf_counter()
-                    break
-            time.sleep(0.1)
-        if balanced_at is None:
-            print(f"B no balanced placement within {args.timeout_s} s of skew onset (last: {rebalance})")
-        else:
-            print(f"B skew onset -> balanced placement: {balanced_at - onset:.1f} s (target <= 10 s); rebalance "
-                  f"v{rebalance['from_version']} -> v{rebalance['to_version']} took {rebalance['seconds']:.2f} s, "
-                  f"{rebalance['weights_loaded']} weight load(s)")
-        c0 = time.perf_counter()
-        time.sleep(args.phase_s)
-        after = load.window(c0, time.perf_counter())
-        print(f"C after (autoscaled): {after[0]:.0f} tokens/s, p99 inter-token {after[1] * 1e3:.0f} ms "
-              f"({after[2]} gaps); imbalance {_imbalance(state, settings, controller):.2f}")
-        print(f"throughput after / before = {after[0] / before[0]:.2f}x (target >= 1.4x); p99 inter-token "
-              f"after / before = {after[1] / before[1]:.2f}")
-        if rebalance is not None:
-            r0 = onset + (rebalance["started_at"] - onset_wall)
-            during = load.window(r0, r0 + max(rebalance["seconds"], 0.5))
-            print(f"p99 inter-token during the rebalance {during[1] * 1e3:.0f} ms ({during[2]} gaps) vs steady "
-                  f"state after {after[1] * 1e3:.0f} ms: {during[1] / after[1]:.2f}x (target <= 1.25x)")
-        print(f"failed requests: {load.failures}")
-        return 0 if load.failures == 0 else 1
+        return _phases(args, settings, state, load, mode, hot, uniform)
     finally:
         if load is not None:
             load.stop()
@@ -186,7 +154,111 @@ def run(args) -> int:
         redis.stop()
 
 
-def _imbalance(state, settings, controller) -> float:
+def _engine_generate(engine):
+    from router_service.sampling import SamplingParams
+
+    def generate(prompt, new_tokens, emit):
+        engine.submit(prompt, SamplingParams(max_tokens=new_tokens),
+                      lambda event: emit(event.error is not None, event.finish_reason is not None))
+
+    return generate
+
+
+def _against_service(args, settings) -> int:
+    """The phases against a running service: SDK traffic, pause/resume through Redis."""
+    from cluster.checkpoint import Checkpoint
+    from cluster.placement_cmd import redis_url
+    from cluster.state import ClusterState
+    from router_service.client import MoEClient, MoEError
+    from router_service.model import ReferenceModel
+
+    state = ClusterState(redis_url(args), args.namespace)
+    table = state.load_placement()
+    if table is None:
+        raise ValueError(f"no placement in {state.url_for_logs}: is the service at {args.address} running?")
+    spec = Checkpoint(args.checkpoint).spec
+    reference = ReferenceModel.from_pretrained(args.checkpoint)
+    group0 = {e for (l, e), gs in table.replicas.items() if 0 in gs}
+    hot = hot_tokens(reference, group0, args.hot_tokens)
+    del reference
+    uniform = list(range(2, spec.vocab_size))
+    print(f"{args.address}: {len(table.groups)} groups, placement v{table.version}; {args.streams} streams x "
+          f"{args.new_tokens} new tokens; skew: {len(hot)} tokens routed mostly to group 0's experts")
+    client = MoEClient(args.address, timeout_s=120)
+
+    def generate(prompt, new_tokens, emit):
+        try:
+            for chunk in client.stream(prompt, max_tokens=new_tokens):
+                for _ in chunk.token_ids:
+                    emit(False, False)
+            emit(False, True)
+        except MoEError:
+            emit(True, True)
+
+    was_paused = state.paused()
+    state.set_paused(True)  # before any skewed traffic: phase A is the static placement
+    mode = {"tokens": hot}
+    load = _Load(generate, lambda rng: [rng.choice(mode["tokens"]) for _ in range(args.prompt_tokens)],
+                 args.streams, args.new_tokens)
+    try:
+        return _phases(args, settings, state, load, mode, hot, uniform)
+    finally:
+        load.stop()
+        state.set_paused(was_paused)
+        client.close()
+        state.close()
+
+
+def _phases(args, settings, state, load, mode, hot, uniform) -> int:
+    """A (paused, skewed) -> flush (uniform) -> resume -> B (skew onset) -> C (autoscaled)."""
+    time.sleep(3)  # warm-up
+    a0 = time.perf_counter()
+    time.sleep(args.phase_s)
+    before = load.window(a0, time.perf_counter())
+    imbalance_before = _imbalance(state, settings)
+    print(f"A before (static placement): {before[0]:.0f} tokens/s, p99 inter-token {before[1] * 1e3:.0f} ms "
+          f"({before[2]} gaps); imbalance {imbalance_before:.2f}")
+
+    mode["tokens"] = uniform
+    time.sleep(settings.window_s + 2)  # the window forgets the skew
+    state.set_paused(False)
+    time.sleep(2)
+    version0 = state.placement_version()
+    mode["tokens"] = hot
+    onset, onset_wall = time.perf_counter(), time.time()
+    balanced_at, rebalance = None, None
+    while time.perf_counter() - onset < args.timeout_s:
+        status = state.autoscaler_status() or {}
+        last = status.get("last_rebalance") or {}
+        if last.get("to_version", 0) > version0 and last.get("result") == "finished":
+            rebalance = last
+            if (status.get("imbalance") or 9) <= settings.imbalance_threshold:
+                balanced_at = time.perf_counter()
+                break
+        time.sleep(0.1)
+    if balanced_at is None:
+        print(f"B no balanced placement within {args.timeout_s} s of skew onset (last: {rebalance})")
+    else:
+        print(f"B skew onset -> balanced placement: {balanced_at - onset:.1f} s (target <= 10 s); rebalance "
+              f"v{rebalance['from_version']} -> v{rebalance['to_version']} took {rebalance['seconds']:.2f} s, "
+              f"{rebalance['weights_loaded']} weight load(s)")
+    c0 = time.perf_counter()
+    time.sleep(args.phase_s)
+    after = load.window(c0, time.perf_counter())
+    print(f"C after (autoscaled): {after[0]:.0f} tokens/s, p99 inter-token {after[1] * 1e3:.0f} ms "
+          f"({after[2]} gaps); imbalance {_imbalance(state, settings):.2f}")
+    print(f"throughput after / before = {after[0] / before[0]:.2f}x (target >= 1.4x); p99 inter-token "
+          f"after / before = {after[1] / before[1]:.2f}")
+    if rebalance is not None:
+        r0 = onset + (rebalance["started_at"] - onset_wall)
+        during = load.window(r0, r0 + max(rebalance["seconds"], 0.5))
+        print(f"p99 inter-token during the rebalance {during[1] * 1e3:.0f} ms ({during[2]} gaps) vs steady "
+              f"state after {after[1] * 1e3:.0f} ms: {during[1] / after[1]:.2f}x (target <= 1.25x)")
+    print(f"failed requests: {load.failures}")
+    return 0 if load.failures == 0 else 1
+
+
+def _imbalance(state, settings) -> float:
     time.sleep(settings.interval_s * 2)  # a fresh observation
     return (state.autoscaler_status() or {}).get("imbalance") or float("nan")
 

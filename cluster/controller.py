@@ -71,6 +71,7 @@ class ControllerConfig:
     group_device: str = "auto"  # ExpertGroupConfig.device
     group_dtype: str | None = None  # ExpertGroupConfig.dtype; None = bf16 on cuda, fp32 on cpu
     group_host: str = "127.0.0.1"  # groups' bind address; "0.0.0.0" when routers run on other nodes
+    group_cpu_threads: int | None = None  # ExpertGroupConfig.cpu_threads: torch threads per CPU group
     num_gpus_per_group: float | None = None  # None = 1 when the cluster has GPUs, else 0
     max_group_restarts: int = 3  # Ray restarts of a group's process; -1 = unlimited
     group_start_timeout_s: float = 600.0  # start() loads weights: minutes for a large model
@@ -196,7 +197,8 @@ class Controller:
         num_gpus = self._num_gpus()
         for i, name in enumerate(self.names):
             group_config = ExpertGroupConfig(checkpoint=cfg.checkpoint, slots=plan.slots_of(i), device=cfg.group_device,
-                                             dtype=cfg.group_dtype, host=cfg.group_host, name=name)
+                                             dtype=cfg.group_dtype, host=cfg.group_host, name=name,
+                                             cpu_threads=cfg.group_cpu_threads)
             options = dict(name=name, max_restarts=cfg.max_group_restarts, max_task_retries=0)
             if num_gpus:
                 options["num_gpus"] = num_gpus
@@ -495,7 +497,8 @@ class Controller:
             if num_gpus:
                 _request_gpus(len(self.names) + 1)  # lets the Ray/KubeRay autoscaler add a node ahead of time
             group_config = ExpertGroupConfig(checkpoint=cfg.checkpoint, slots=[], device=cfg.group_device,
-                                             dtype=cfg.group_dtype, host=cfg.group_host, name=name)
+                                             dtype=cfg.group_dtype, host=cfg.group_host, name=name,
+                                             cpu_threads=cfg.group_cpu_threads)
             options = dict(name=name, max_restarts=cfg.max_group_restarts, max_task_retries=0)
             if num_gpus:
                 options["num_gpus"] = num_gpus

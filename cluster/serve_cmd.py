@@ -33,6 +33,8 @@ def add_arguments(p) -> None:
     p.add_argument("--autoscaler", action="append", default=[], metavar="KEY=VALUE",
                    help="an AutoscalerConfig setting (cluster/autoscaler_config.py), repeatable: e.g. "
                         "--autoscaler max_groups=4 --autoscaler cooldown_s=10 --autoscaler enabled=false")
+    p.add_argument("--group-threads", type=int, default=None,
+                   help="torch threads per expert group on CPU (default: torch's own, every core)")
     p.add_argument("--metrics-port", type=int, default=9100,
                    help="router Prometheus port (default 9100; the autoscaler's is autoscaler.metrics_port, 9101)")
 
@@ -82,7 +84,7 @@ def run(args) -> int:
         # A named namespace: the detached controller is then reachable by name from other drivers.
         ray.init(address=args.address, namespace=RAY_NAMESPACE, include_dashboard=False, log_to_driver=False)
         config = ControllerConfig(checkpoint=str(args.checkpoint), num_groups=args.groups, redis_url=redis_url,
-                                  autoscaler=autoscaler)
+                                  autoscaler=autoscaler, group_cpu_threads=args.group_threads)
         # Detached and named, so routers and `moectl` on other nodes can find it; this process owns it
         # all the same and kills it on exit (below).
         controller = ControllerActor.options(name=config.name, lifetime="detached").remote(config)
@@ -99,8 +101,9 @@ def run(args) -> int:
         _write_serve_file(redis_url, args.port)
         print(f"serving elasticmoe.v1.MoEService on port {args.port}; Ctrl-C stops\n"
               f"  try: moectl generate --address 127.0.0.1:{args.port} \"Mixture-of-Experts\"\n"
-              f"       moectl placement show    (autoscaler: {'on' if autoscaler.enabled else 'off'}, "
-              f"groups {autoscaler.min_groups}..{autoscaler.max_groups or args.groups})", flush=True)
+              f"       moectl placement show    (autoscaler: {'on' if autoscaler.enabled else 'off'}; groups: "
+              + (f"{autoscaler.min_groups}..{autoscaler.max_groups})" if autoscaler.max_groups is not None
+                 else f"{args.groups}, fixed)"), flush=True)
         while not stop.wait(1.0):  # the controller's own loop repairs groups and autoscales
             pass
         print("shutting down ...", file=sys.stderr, flush=True)

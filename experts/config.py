@@ -29,6 +29,7 @@ class ExpertGroupConfig:
     host: str = "127.0.0.1"  # bind address; "0.0.0.0" to serve routers on other nodes
     port: int = 0  # 0 = a free port, chosen on every start
     name: str = "group"  # shows in logs and error messages
+    cpu_threads: int | None = None  # torch threads for expert math on CPU; None = torch's default (all cores)
 
     def __post_init__(self) -> None:
         if not isinstance(self.checkpoint, str) or not self.checkpoint:
@@ -49,6 +50,9 @@ class ExpertGroupConfig:
             raise ValueError(f"port must be an int in [0, 65535] (0 = pick a free port), got {self.port!r}")
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name must be a non-empty string, got {self.name!r}")
+        if self.cpu_threads is not None and (not isinstance(self.cpu_threads, int) or isinstance(self.cpu_threads, bool)
+                                             or self.cpu_threads < 1):
+            raise ValueError(f"cpu_threads must be None (torch's default) or an int >= 1, got {self.cpu_threads!r}")
 
     @staticmethod
     def _slot(slot) -> tuple[int, int]:

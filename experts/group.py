@@ -30,6 +30,7 @@ import logging
 
 import grpc
 import ray
+import torch
 from elasticmoe.v1 import expert_pb2_grpc
 
 from experts.config import ExpertGroupConfig
@@ -73,6 +74,10 @@ class ExpertGroup:
 
     def __init__(self, config: ExpertGroupConfig | dict):
         self.config = config if isinstance(config, ExpertGroupConfig) else ExpertGroupConfig.from_dict(config)
+        if self.config.cpu_threads is not None:
+            # process-wide: a group actor is its own process. One thread per group makes CPU
+            # groups behave like separate devices instead of each spreading over every core.
+            torch.set_num_threads(self.config.cpu_threads)
         self._servicer: ExpertServicer | None = None  # kept across stop()/start(): weights stay loaded
         self._server: grpc.aio.Server | None = None
         self._address: str | None = None

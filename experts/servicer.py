@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
@@ -73,6 +76,14 @@ def slot_messages(slots) -> list[expert_pb2.Slot]:
     return [expert_pb2.Slot(layer=layer, expert=expert) for layer, expert in slots]
 
 
+def _lower_priority(niceness: int = 10) -> None:
+    """Lower the calling thread's CPU priority (Linux schedules threads by their own nice value)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (OSError, AttributeError):  # not Linux, or not allowed: loads simply compete as equals
+        pass
+
+
 class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
     """Serves the slots of one group. Build with `await ExpertServicer.create(config)`."""
 
@@ -88,6 +99,10 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         self._busy_s = 0.0
         self._forward_calls = 0
         self._in_flight = 0
+        # Loads and unloads read files and copy stacks while Forwards are served: on their own
+        # thread at a lower CPU priority, so on a shared CPU serving wins (DESIGN: a rebalance
+        # must not stall serving). One thread: loads run one at a time anyway (_swap_lock).
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="expert-load", initializer=_lower_priority)
 
     @classmethod
     async def create(cls, config: ExpertGroupConfig) -> "ExpertServicer":
@@ -113,7 +128,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             new = sorted({(int(layer), int(expert)) for layer, expert in slots} - have)
             if new:
                 start, before = time.monotonic(), held_bytes(held)
-                self._held = await asyncio.to_thread(self._with_loaded, held, new)  # reads files: off the loop
+                self._held = await self._off_loop(self._with_loaded, held, new)  # reads files: off the loop
                 log.info("group %s loaded %d slot(s) %s: +%.2f MiB, now %d slots, %.2f MiB, in %.3f s",
                          self.config.name, len(new), new, (self.loaded_bytes - before) / 2**20,
                          len(self.slots), self.loaded_bytes / 2**20, time.monotonic() - start)
@@ -126,7 +141,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             drop = sorted({(int(layer), int(expert)) for layer, expert in slots} & set(held_slots(held)))
             if drop:
                 start, before = time.monotonic(), held_bytes(held)
-                self._held = await asyncio.to_thread(self._without, held, drop)
+                self._held = await self._off_loop(self._without, held, drop)
                 del held  # our reference to the old snapshot; in-flight Forwards hold theirs until they end
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()  # hand freed blocks back, so the device's memory use shows it
@@ -134,6 +149,9 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
                          self.config.name, len(drop), drop, (before - self.loaded_bytes) / 2**20,
                          len(self.slots), self.loaded_bytes / 2**20, time.monotonic() - start)
             return self._held
+
+    async def _off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._loader, fn, *args)
 
     def _with_loaded(self, held: dict[int, LayerExperts], new: list[Slot]) -> dict[int, LayerExperts]:
         added: dict[int, dict[int, Triple]] = defaultdict(dict)

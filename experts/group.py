@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 import grpc
 import ray
@@ -102,6 +103,10 @@ class ExpertGroup:
         if host in WILDCARD_HOSTS and ray.is_initialized():
             host = ray.util.get_node_ip_address()
         return f"{host}:{port}"
+
+    async def pid(self) -> int:
+        """This process's id: what an operator (or a fault test) would `kill -9`."""
+        return os.getpid()
 
     async def address(self) -> str | None:
         """The address published by the last start(), or None while not serving."""

@@ -12,6 +12,7 @@ import grpc
 from elasticmoe.v1 import serving_pb2
 
 from cluster.model_spec import ModelSpec
+from router_service.dispatch import DispatchError
 from router_service.engine import Engine
 from router_service.sampling import SamplingError, SamplingParams
 from router_service.scheduler import QueueFull
@@ -96,6 +97,8 @@ class MoEApi:
                                                    finish_reason=event.finish_reason or "")
         except QueueFull as e:
             raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+        except DispatchError as e:  # no live replica for some expert: the message names them
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
 
     async def score(self, request: serving_pb2.ScoreRequest) -> serving_pb2.ScoreResponse:
         ids = self._token_ids(request.token_ids, "token_ids")
@@ -107,6 +110,8 @@ class MoEApi:
             return serving_pb2.ScoreResponse(logprobs=await self.engine.score(ids))
         except QueueFull as e:
             raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+        except DispatchError as e:
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
 
     def status(self, request: serving_pb2.StatusRequest | None = None) -> serving_pb2.StatusResponse:
         return self._status()

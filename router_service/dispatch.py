@@ -8,6 +8,11 @@ T = tokens in the step, k = experts per token, H = hidden, E = experts per layer
       Forward(hidden[rows], ids[rows] with other groups' pairs set to -1, weights[rows])
   combine: out[rows] += partial_g                     -> [T, H]
 
+A group whose Forward fails (dead, too slow, or missing an expert after a placement
+change) is retried on another replica of each of its experts within the same deadline,
+and avoided for DOWN_S seconds; an expert with no live replica fails the layer with
+UNAVAILABLE naming the (layer, expert) pairs.
+
 An expert with several replicas splits its tokens by the table's shares: token t draws
 u = frac((t + 0.5) * golden ratio), a low-discrepancy sequence, and goes to the first
 replica whose cumulative share exceeds u. Deterministic, no RNG state, and even a
@@ -36,6 +41,7 @@ from experts.wire import GRPC_OPTIONS, decode, encode
 
 
 _GOLDEN = (5 ** 0.5 - 1) / 2
+DOWN_S = 2.0  # after a failed Forward, a group gets no traffic for this long when another replica exists
 
 
 def _pad(values, width: int, fill) -> list:
@@ -73,6 +79,7 @@ class RemoteExperts:
         self._load = torch.zeros(len(spec.sparse_layers), spec.num_experts, dtype=torch.int64)
         self._load_lock = threading.Lock()
         self._step_version: int | None = None  # the placement of the step in flight; None between steps
+        self._down: dict[str, float] = {}  # address -> until when it is avoided after a failed Forward
         self.set_table(table)
 
     def set_table(self, table: PlacementTable) -> None:
@@ -149,27 +156,88 @@ class RemoteExperts:
         u = ((torch.arange(num_tokens, dtype=torch.float64) + 0.5) * _GOLDEN) % 1.0  # [T] in (0, 1)
         cumulative = routes.cumulative_shares[layer][ids]  # [T, k, R]
         replica = (cumulative <= u[:, None, None]).sum(-1).clamp(max=cumulative.shape[-1] - 1)  # [T, k]
-        group_of_pair = routes.replica_groups[layer][ids, replica]  # [T, k]
-        calls, row_sets = [], []
-        for g in torch.unique(group_of_pair).tolist():
-            mine = group_of_pair == g  # [T, k]
-            rows = mine.any(dim=1).nonzero().squeeze(1)  # tokens with at least one pair on g
-            sub_ids = torch.where(mine[rows], ids[rows], -1).to(torch.int32)
-            request = expert_pb2.ForwardRequest(layer=layer, hidden=encode(x[rows]), expert_ids=encode(sub_ids),
-                                                weights=encode(weights[rows].to(torch.float32)),
-                                                placement_version=routes.table.version)
-            calls.append(self._call(g, routes.table.groups[g], request))
-            row_sets.append(rows)
-        partials = await asyncio.gather(*calls)
+        pending = routes.replica_groups[layer][ids, replica]  # [T, k] group of each pair; -1 = done
+        pending = self._avoid_down(routes, layer, ids, pending)
         out = torch.zeros_like(x)
-        for rows, partial in zip(row_sets, partials):
-            out.index_add_(0, rows, partial.to(x.dtype))
-        return out
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        failed: dict[int, DispatchError] = {}  # groups that failed this layer, and how
+        while True:
+            calls, parts = [], []
+            for g in torch.unique(pending[pending >= 0]).tolist():
+                mine = pending == g  # [T, k]
+                rows = mine.any(dim=1).nonzero().squeeze(1)  # tokens with at least one pair on g
+                sub_ids = torch.where(mine[rows], ids[rows], -1).to(torch.int32)
+                request = expert_pb2.ForwardRequest(layer=layer, hidden=encode(x[rows]), expert_ids=encode(sub_ids),
+                                                    weights=encode(weights[rows].to(torch.float32)),
+                                                    placement_version=routes.table.version)
+                calls.append(self._call(g, routes.table.groups[g], request, max(0.001, deadline - loop.time())))
+                parts.append((g, rows, mine))
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            retry = torch.full_like(pending, -1)
+            for (g, rows, mine), result in zip(parts, results):
+                if isinstance(result, DispatchError) and result.code != grpc.StatusCode.INVALID_ARGUMENT:
+                    # the group is gone, slow or out of date: its pairs go to another replica
+                    failed[g] = result
+                    self._mark_down(routes.table.groups[g])
+                    retry[mine] = self._alternative(routes, layer, ids, mine, failed)[mine]
+                elif isinstance(result, BaseException):
+                    raise result
+                else:
+                    out.index_add_(0, rows, result.to(x.dtype))
+            if (retry < 0).all():
+                return out
+            if loop.time() >= deadline:
+                raise DispatchError(", ".join(routes.table.groups[g] for g in failed), grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    f"layer {layer}: no replica answered within {self.timeout_s} s")
+            pending = retry
 
-    async def _call(self, group: int, address: str, request) -> torch.Tensor:
+    def _alternative(self, routes: _Routes, layer: int, ids, mine, failed: dict) -> torch.Tensor:
+        """For the pairs in `mine`, the first replica on a group not in `failed`; raises
+        UNAVAILABLE naming the (layer, expert) pairs that have none left."""
+        candidates = routes.replica_groups[layer][ids]  # [T, k, R]
+        bad = torch.zeros(candidates.shape, dtype=torch.bool)
+        for g in failed:
+            bad |= candidates == g
+        ok = ~bad
+        first = ok.float().argmax(dim=-1)  # [T, k] first usable replica (0 when none)
+        choice = candidates.gather(-1, first[..., None]).squeeze(-1)
+        stranded = mine & ~ok.any(dim=-1)
+        if stranded.any():
+            experts = sorted(set(ids[stranded].tolist()))
+            why = "; ".join(f"{e.address}: {e.code.name}: {e.details}" for e in failed.values())
+            raise DispatchError(", ".join(sorted({e.address for e in failed.values()})), grpc.StatusCode.UNAVAILABLE,
+                                f"no live replica of (layer, expert) {', '.join(f'({layer}, {e})' for e in experts)}"
+                                f" ({why})")
+        return choice
+
+    def _mark_down(self, address: str) -> None:
+        self._down[address] = time.monotonic() + DOWN_S
+
+    def _avoid_down(self, routes: _Routes, layer: int, ids, pending) -> torch.Tensor:
+        """Pairs routed to a group that failed in the last DOWN_S seconds go to another replica
+        when one exists, so one dead group does not cost every step a failed call."""
+        now = time.monotonic()
+        down = [g for g, a in enumerate(routes.table.groups) if self._down.get(a, 0) > now]
+        if not down:
+            return pending
+        hit = torch.zeros_like(pending, dtype=torch.bool)
+        for g in down:
+            hit |= pending == g
+        if not hit.any():
+            return pending
+        candidates = routes.replica_groups[layer][ids]  # [T, k, R]
+        usable = torch.ones(candidates.shape, dtype=torch.bool)
+        for g in down:
+            usable &= candidates != g
+        has = usable.any(dim=-1)
+        choice = candidates.gather(-1, usable.float().argmax(dim=-1)[..., None]).squeeze(-1)
+        return torch.where(hit & has, choice, pending)  # no other replica: try the group anyway
+
+    async def _call(self, group: int, address: str, request, timeout_s: float) -> torch.Tensor:
         start = time.perf_counter()
         try:
-            response = await self._stubs[address].Forward(request, timeout=self.timeout_s)
+            response = await self._stubs[address].Forward(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as e:
             self._observe(group, start, ok=False)
             raise DispatchError(address, e.code(), e.details()) from None

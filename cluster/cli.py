@@ -190,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     placement_cmd.add_commands(sub)
 
+    p = sub.add_parser("simulate", help="replay a shifting-skew trace through the planner and autoscaler on a "
+                                        "modelled 64-256 GPU cluster: imbalance, weights moved, vs static")
+    from cluster import simulate
+
+    simulate.add_arguments(p)
+    p.set_defaults(fn=lambda args: simulate.run(args))
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True, metavar="BENCH")
     p = bench.add_parser("kernel", help="expert kernel: triton vs torch on given shapes (needs CUDA for triton)")
     from cluster import bench_kernel

@@ -404,7 +404,8 @@ class Controller:
             elif self._adding is not None:
                 decision = Decision("hold", "a new group is starting")
             else:
-                decision = self.autoscaler.decide(obs, table)
+                # planning can take a second or more on a big model: off the actor's event loop
+                decision = await asyncio.to_thread(self.autoscaler.decide, obs, table)
             self.last_decision = decision
             if decision.action == REBALANCE:
                 await self._rebalance(decision.placement, decision.reason)

@@ -16,7 +16,10 @@ ones logs which keys differ and keeps the running controller (a new RayCluster, 
 KubeRay blue/green upgrade, or `ray.kill` of the controller, applies them).
 
 Serve logs the args of every build ("Importing application ... with arguments ..."), so
-a Redis password belongs in $ELASTICMOE_REDIS_URL, not in `redis_url`.
+a Redis password belongs in $ELASTICMOE_REDIS_URL, not in `redis_url`. Serve runs the
+builder task on the nodes the deployments' shared `label_selector` names (Ray 2.60,
+`_get_shared_build_app_label_selector`): on Kubernetes the router pods, which alone
+carry that variable.
 
 Why "{ray_cluster}" in the Redis namespace: during a blue/green upgrade two Ray clusters
 share one Redis; each must own its placement keys, or the two controllers would publish
@@ -88,8 +91,9 @@ class AppArgs:
     def resolve_redis_url(self, environ=os.environ) -> str:
         url = self.redis_url or environ.get(REDIS_URL_ENV)
         if not url:
-            raise AppArgsError(f"no Redis URL: set args.redis_url in serveConfigV2 or the environment variable "
-                               f"{REDIS_URL_ENV} on every Ray pod (on Kubernetes: from the Redis Secret)")
+            raise AppArgsError(f"no Redis URL: set the environment variable {REDIS_URL_ENV} where Serve runs this "
+                               f"builder (on Kubernetes: the router pods, from the Redis Secret), or args.redis_url "
+                               f"in serveConfigV2 (which Serve logs: no password there)")
         return url
 
     def resolve_namespace(self, environ=os.environ) -> str:
@@ -143,7 +147,7 @@ def find_or_create_controller(config, label_selector: dict | None = None):
     handle = ControllerActor.options(**options).remote(config)
     try:
         running = ray.get(handle.__ray_call__.remote(lambda self: self.config), timeout=60)
-    except Exception as e:  # a diagnostic only: never fail the deploy over it
+    except ray.exceptions.RayError as e:  # a diagnostic only (incl. GetTimeoutError): never fail the deploy over it
         log.warning("controller %s: could not read its config to compare (%s)", config.name, e)
         return handle
     differ = _differing_keys(dataclasses.asdict(running), dataclasses.asdict(config))

@@ -90,13 +90,42 @@ def cmd_serve(args) -> int:
     return serve_cmd.run(args)
 
 
+def add_client_arguments(p) -> None:
+    """Credentials of the SDK's client: a bearer token and TLS (router_service/client.py)."""
+    p.add_argument("--token-file", default=None, metavar="PATH",
+                   help="file holding the API token (one line, '#' comments); default: $ELASTICMOE_API_TOKEN if set")
+    p.add_argument("--tls", action="store_true", help="TLS, the server checked against the system's roots")
+    p.add_argument("--tls-ca", default=None, metavar="PEM", help="TLS, the server checked against this CA bundle")
+    p.add_argument("--tls-cert", default=None, metavar="PEM", help="client certificate for mutual TLS (with --tls-key)")
+    p.add_argument("--tls-key", default=None, metavar="PEM", help="client private key for mutual TLS")
+    p.add_argument("--tls-server-name", default=None, metavar="NAME",
+                   help="the name the server's certificate must carry, when the address is another (an IP)")
+
+
+def client_options(args, environ=None) -> dict:
+    """MoEClient keyword arguments (token, tls, tls_server_name) from add_client_arguments' flags."""
+    import os
+
+    from router_service.auth import CLIENT_TOKEN_ENV, read_client_token
+
+    environ = os.environ if environ is None else environ
+    token = read_client_token(args.token_file) if args.token_file else environ.get(CLIENT_TOKEN_ENV) or None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together (mutual TLS)")
+    if args.tls_cert:
+        tls = (args.tls_ca, args.tls_cert, args.tls_key)
+    else:
+        tls = args.tls_ca or args.tls
+    return {"token": token, "tls": tls, "tls_server_name": args.tls_server_name}
+
+
 def cmd_generate(args) -> int:
     """Stream a completion from a running service (the SDK; no torch needed on this side)."""
     from router_service.client import MoEClient, MoEError
 
     prompt = [int(t) for t in args.prompt.split()] if args.token_ids else args.prompt
     try:
-        with MoEClient(args.address, timeout_s=args.timeout_s) as client:
+        with MoEClient(args.address, timeout_s=args.timeout_s, **client_options(args)) as client:
             for chunk in client.stream(prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                                        seed=args.seed):
                 print(chunk.text if chunk.text else " ".join(map(str, chunk.token_ids)), end="", flush=True)
@@ -110,7 +139,7 @@ def cmd_status(args) -> int:
     from router_service.client import MoEClient, MoEError
 
     try:
-        with MoEClient(args.address, timeout_s=args.timeout_s) as client:
+        with MoEClient(args.address, timeout_s=args.timeout_s, **client_options(args)) as client:
             status = client.status()
     except MoEError as e:
         raise ValueError(f"{args.address}: {e.code.name}: {e.details}") from None
@@ -179,11 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=None, help="same seed, same output")
     p.add_argument("--timeout-s", type=float, default=60.0, help="whole-call deadline (default 60)")
+    add_client_arguments(p)
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("status", help="groups, their addresses and the placement of a running service")
     p.add_argument("--address", default="127.0.0.1:9000", help="service HOST:PORT (default 127.0.0.1:9000)")
     p.add_argument("--timeout-s", type=float, default=10.0, help="deadline (default 10)")
+    add_client_arguments(p)
     p.set_defaults(fn=cmd_status)
 
     from cluster import placement_cmd
@@ -213,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_skew.add_arguments(p)
     p.set_defaults(fn=lambda args: bench_skew.run(args))
+    p = bench.add_parser("overload", help="a burst beyond capacity: accepted, refused (RESOURCE_EXHAUSTED), "
+                                          "completed, latency; then one request to show recovery")
+    from cluster import bench_overload
+
+    bench_overload.add_arguments(p)
+    p.set_defaults(fn=lambda args: bench_overload.run(args))
     return parser
 
 

@@ -12,6 +12,7 @@ where Redis is.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -37,6 +38,9 @@ def add_arguments(p) -> None:
                    help="torch threads per expert group on CPU (default: torch's own, every core)")
     p.add_argument("--metrics-port", type=int, default=9100,
                    help="router Prometheus port (default 9100; the autoscaler's is autoscaler.metrics_port, 9101)")
+    p.add_argument("--api-tokens-file", default=None, metavar="PATH",
+                   help="client-API bearer tokens, one a line, '#' comments; $ELASTICMOE_API_TOKENS "
+                        "(comma-separated) adds more. Either turns authentication on (health checks stay open)")
 
 
 def parse_settings(pairs: list[str]) -> dict:
@@ -55,6 +59,20 @@ def parse_settings(pairs: list[str]) -> dict:
     return out
 
 
+def api_token_digests(tokens_file: str | None, environ=None) -> list[str]:
+    """SHA-256 digests of the client-API tokens from --api-tokens-file and $ELASTICMOE_API_TOKENS.
+
+    The router replicas get these digests, never the tokens: nothing secret enters Ray's
+    deployment config, its logs or its dashboard. [] means authentication off.
+    """
+    from router_service.auth import TOKENS_ENV, TokenSourceError, digest, read_tokens
+
+    tokens = read_tokens(tokens_file, TOKENS_ENV, os.environ if environ is None else environ)
+    if tokens_file and not tokens:
+        raise TokenSourceError(f"--api-tokens-file {tokens_file} holds no token (only blanks and comments)")
+    return sorted({digest(t) for t in tokens})
+
+
 def run(args) -> int:
     if args.groups < 1:
         raise ValueError(f"--groups must be >= 1, got {args.groups}")
@@ -66,6 +84,13 @@ def run(args) -> int:
     from cluster.autoscaler_config import AutoscalerConfig
 
     autoscaler = AutoscalerConfig.from_dict(parse_settings(args.autoscaler))  # bad settings fail here, in one line
+    from router_service.auth import TOKENS_ENV, TokenAuth
+
+    digests = api_token_digests(args.api_tokens_file)  # a bad token file fails here, in one line
+    auth = TokenAuth(digests) if digests else None
+    # The local Ray started below (raylet, workers) inherits this environment: keep the raw tokens out of it.
+    os.environ.pop(TOKENS_ENV, None)
+    router_settings = {"dtype": args.dtype, "metrics_port": args.metrics_port, "api_token_sha256": digests}
 
     import ray
     from ray import serve
@@ -95,10 +120,14 @@ def run(args) -> int:
         placement = ray.get(controller.placement.remote())
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()},  # HTTP unused: clients speak gRPC
                     grpc_options={"port": args.port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS})
-        serve.run(build_app({"checkpoint": str(args.checkpoint), "placement": placement, "dtype": args.dtype,
-                              "redis_url": redis_url, "metrics_port": args.metrics_port}),
+        serve.run(build_app({**router_settings, "checkpoint": str(args.checkpoint), "placement": placement,
+                              "redis_url": redis_url}),
                   name="moe")
         _write_serve_file(redis_url, args.port)
+        auth_line = (f"bearer token required ({len(auth)} token(s), fingerprint {auth.fingerprint}), health checks "
+                     f"open" if auth else "OFF (give --api-tokens-file or $ELASTICMOE_API_TOKENS)")
+        print(f"client API authentication: {auth_line}; gRPC is plaintext: for other hosts put a TLS proxy in "
+              f"front (README, Security)", file=sys.stderr)
         print(f"serving elasticmoe.v1.MoEService on port {args.port}; Ctrl-C stops\n"
               f"  try: moectl generate --address 127.0.0.1:{args.port} \"Mixture-of-Experts\"\n"
               f"       moectl placement show    (autoscaler: {'on' if autoscaler.enabled else 'off'}; groups: "

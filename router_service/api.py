@@ -79,11 +79,23 @@ class MoEApi:
         except SamplingError as e:
             raise invalid(str(e)) from None
 
+    def validate_generate(self, request: serving_pb2.GenerateRequest) -> tuple[list[int], SamplingParams]:
+        """The prompt's token ids and the sampling settings, or ApiError(INVALID_ARGUMENT) naming the field."""
+        prompt = self._prompt(request)
+        return prompt, self._params(request, len(prompt))
+
+    def validate_score(self, request: serving_pb2.ScoreRequest) -> list[int]:
+        ids = self._token_ids(request.token_ids, "token_ids")
+        if len(ids) < 2:
+            raise invalid(f"token_ids must hold at least 2 tokens to score, got {len(ids)}")
+        if len(ids) > self.spec.max_position_embeddings:
+            raise invalid(f"token_ids has {len(ids)} tokens; the context holds {self.spec.max_position_embeddings}")
+        return ids
+
     # ---- the three calls ----
 
     async def generate(self, request: serving_pb2.GenerateRequest) -> AsyncIterator[serving_pb2.GenerateResponse]:
-        prompt = self._prompt(request)
-        params = self._params(request, len(prompt))
+        prompt, params = self.validate_generate(request)
         emitted: list[int] = []
         try:
             async for event in self.engine.generate(prompt, params):
@@ -101,11 +113,7 @@ class MoEApi:
             raise ApiError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
 
     async def score(self, request: serving_pb2.ScoreRequest) -> serving_pb2.ScoreResponse:
-        ids = self._token_ids(request.token_ids, "token_ids")
-        if len(ids) < 2:
-            raise invalid(f"token_ids must hold at least 2 tokens to score, got {len(ids)}")
-        if len(ids) > self.spec.max_position_embeddings:
-            raise invalid(f"token_ids has {len(ids)} tokens; the context holds {self.spec.max_position_embeddings}")
+        ids = self.validate_score(request)
         try:
             return serving_pb2.ScoreResponse(logprobs=await self.engine.score(ids))
         except QueueFull as e:

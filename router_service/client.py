@@ -16,6 +16,12 @@ Retries: only on UNAVAILABLE, and only where repeating cannot be seen by the cal
 Status, and a Generate that has not yielded a chunk yet. A stream that already yielded tokens
 raises instead: a retry would restart the generation and deliver tokens twice.
 
+Credentials: `token=` sends `authorization: Bearer <token>` with every call (a wrong or
+missing one raises Unauthenticated, never retried). `tls=` True verifies the server against
+the system roots, a path against that CA bundle, a (ca, cert, key) tuple adds a client
+certificate (mutual TLS); see _credentials. Serve's gRPC ingress itself speaks plaintext
+(Ray 2.60), so TLS reaches a proxy in front of it: README, "Security".
+
 Deadline: `timeout_s` bounds a whole call: every attempt, the backoff between them, and for a
 stream every chunk up to the last.
 """
@@ -23,9 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import grpc.aio
@@ -164,10 +172,47 @@ class _Attempts:
         return min(self.backoff_base_s * 2 ** (self.attempt - 1), max(0.0, self.deadline - time.monotonic()))
 
 
-def _credentials(tls: bool | grpc.ChannelCredentials) -> grpc.ChannelCredentials | None:
+def _read(path: str | os.PathLike, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise ValueError(f"tls: cannot read the {what} {str(path)!r}: {err.strerror or err}") from None
+
+
+def _credentials(tls) -> grpc.ChannelCredentials | None:
+    """`tls=` as channel credentials; None means plaintext.
+
+    False / None: plaintext.  True: TLS, server verified against the system's roots.
+    a path: TLS, server verified against this CA bundle (PEM; e.g. a private CA's).
+    (ca, cert, key): mutual TLS: ca as above (None: system roots), plus this client's
+    certificate chain and private key (PEM paths).  grpc.ChannelCredentials: used as given.
+    """
+    if tls is None or tls is False:
+        return None
     if tls is True:
-        return grpc.ssl_channel_credentials()  # system roots
-    return tls or None
+        return grpc.ssl_channel_credentials()
+    if isinstance(tls, grpc.ChannelCredentials):
+        return tls
+    if isinstance(tls, (str, os.PathLike)):
+        return grpc.ssl_channel_credentials(root_certificates=_read(tls, "CA bundle"))
+    if isinstance(tls, tuple) and len(tls) == 3 and tls[1] and tls[2]:
+        ca, cert, key = tls
+        return grpc.ssl_channel_credentials(root_certificates=_read(ca, "CA bundle") if ca else None,
+                                            private_key=_read(key, "client key"),
+                                            certificate_chain=_read(cert, "client certificate"))
+    raise ValueError(f"tls must be True, False, a CA bundle path, a (ca, cert, key) tuple of paths "
+                     f"or grpc.ChannelCredentials, got {type(tls).__name__}")
+
+
+def _channel_args(tls, tls_server_name: str | None) -> tuple[grpc.ChannelCredentials | None, list]:
+    credentials = _credentials(tls)
+    if tls_server_name is None:
+        return credentials, []
+    if credentials is None:
+        raise ValueError("tls_server_name needs tls: it names the host the server's certificate is checked for")
+    # The name checked against the certificate, when it differs from the dialled address
+    # (an IP, a port-forward, an ingress reached by another name).
+    return credentials, [("grpc.ssl_target_name_override", tls_server_name)]
 
 
 class _Base:
@@ -178,10 +223,16 @@ class _Base:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts!r}")
         if not backoff_s >= 0:
             raise ValueError(f"backoff_s must be >= 0, got {backoff_s!r}")
+        if token is not None and (not isinstance(token, str) or not token.isprintable() or not token.strip()
+                                  or not token.isascii() or " " in token):
+            raise ValueError("token must be a non-empty printable ASCII string without spaces")  # never echoed
         self.address, self.timeout_s, self.max_attempts, self.backoff_s = address, timeout_s, max_attempts, backoff_s
         # Plain call metadata rather than call credentials: those refuse insecure channels,
         # and a cluster-internal plaintext deployment still wants its token checked.
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+    def __repr__(self) -> str:  # never the token
+        return f"{type(self).__name__}({self.address!r}, token={'***' if self._metadata else None})"
 
     def _attempts(self) -> _Attempts:
         return _Attempts(self.timeout_s, self.max_attempts, self.backoff_s)
@@ -190,11 +241,11 @@ class _Base:
 class MoEClient(_Base):
     """Blocking client. Thread-safe: calls may run concurrently on one instance."""
 
-    def __init__(self, address: str, token: str | None = None, timeout_s: float = 60.0,
-                 tls: bool | grpc.ChannelCredentials = False, max_attempts: int = 3, backoff_s: float = 0.1):
+    def __init__(self, address: str, token: str | None = None, timeout_s: float = 60.0, tls=False,
+                 max_attempts: int = 3, backoff_s: float = 0.1, tls_server_name: str | None = None):
         super().__init__(address, token, timeout_s, max_attempts, backoff_s)
-        credentials = _credentials(tls)
-        self._channel = (grpc.secure_channel(address, credentials) if credentials
+        credentials, options = _channel_args(tls, tls_server_name)
+        self._channel = (grpc.secure_channel(address, credentials, options) if credentials
                          else grpc.insecure_channel(address))
         self._stub = serving_pb2_grpc.MoEServiceStub(self._channel)
 
@@ -261,11 +312,11 @@ class AsyncMoEClient(_Base):
     is cancelled at once rather than when the generator is garbage-collected.
     """
 
-    def __init__(self, address: str, token: str | None = None, timeout_s: float = 60.0,
-                 tls: bool | grpc.ChannelCredentials = False, max_attempts: int = 3, backoff_s: float = 0.1):
+    def __init__(self, address: str, token: str | None = None, timeout_s: float = 60.0, tls=False,
+                 max_attempts: int = 3, backoff_s: float = 0.1, tls_server_name: str | None = None):
         super().__init__(address, token, timeout_s, max_attempts, backoff_s)
-        credentials = _credentials(tls)
-        self._channel = (grpc.aio.secure_channel(address, credentials) if credentials
+        credentials, options = _channel_args(tls, tls_server_name)
+        self._channel = (grpc.aio.secure_channel(address, credentials, options) if credentials
                          else grpc.aio.insecure_channel(address))
         self._stub = serving_pb2_grpc.MoEServiceStub(self._channel)
 

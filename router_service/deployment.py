@@ -24,6 +24,7 @@ from cluster.placement_table import PlacementTable
 from cluster.state import ClusterState
 from cluster.telemetry import Telemetry
 from router_service.api import ApiError, MoEApi
+from router_service.auth import AuthError, TokenAuth
 from router_service.dense import DenseModel
 from router_service.dispatch import RemoteExperts
 from router_service.engine import Engine, EngineConfig
@@ -60,9 +61,22 @@ class RouterConfig:
     metrics_port: int | None = 9100  # Prometheus /metrics; 0 = a free port, None = off
     metrics_host: str = "0.0.0.0"
     metrics_per_expert: bool = False  # per-(layer, expert) series: L*E of them, off for big models
+    # Client-API bearer tokens (router_service/auth.py). Authentication is on when any of the three
+    # is set, and a replica whose sources yield no token refuses to start: it fails closed.
+    api_token_sha256: tuple[str, ...] = ()  # SHA-256 hex of accepted tokens (moectl serve: no raw token in Ray)
+    api_tokens_file: str | None = None  # read on each replica at start (Kubernetes: a mounted Secret)
+    api_tokens_env: str | None = None  # an environment variable of the replica: comma-separated tokens
 
     def __post_init__(self):
         parse_dtype(self.dtype)
+        if isinstance(self.api_token_sha256, str) or not all(isinstance(d, str) for d in self.api_token_sha256):
+            raise ValueError("api_token_sha256 must be a list of SHA-256 hex strings")
+        object.__setattr__(self, "api_token_sha256", tuple(self.api_token_sha256))  # a JSON list becomes a tuple
+        if self.api_token_sha256:
+            TokenAuth(self.api_token_sha256)  # each must be 64 lowercase hex characters
+        if self.api_tokens_env is not None and not (isinstance(self.api_tokens_env, str)
+                                                    and self.api_tokens_env.isidentifier()):
+            raise ValueError(f"api_tokens_env must name an environment variable, got {self.api_tokens_env!r}")
         PlacementTable.from_json(self.placement)
         for name in ("forward_timeout_s", "placement_poll_s", "telemetry_flush_s"):
             if getattr(self, name) <= 0:
@@ -189,13 +203,29 @@ def _every_expert_live(table: PlacementTable, live: set[int]) -> bool:
 @serve.deployment(name="router", max_ongoing_requests=512)
 class RouterDeployment:
     def __init__(self, config: dict):
-        self.router = Router(RouterConfig.from_dict(config))
+        router_config = RouterConfig.from_dict(config)
+        # Before the model loads: a bad token source fails the replica in seconds, with its reason.
+        self.auth = TokenAuth.from_sources(router_config.api_token_sha256, router_config.api_tokens_file,
+                                           router_config.api_tokens_env)
+        if self.auth is None:
+            log.info("client API authentication off (no api_token_sha256, api_tokens_file or api_tokens_env)")
+        else:
+            log.info("client API authentication on: %d token(s), fingerprint %s", len(self.auth),
+                     self.auth.fingerprint)
+        self.router = Router(router_config)
+
+    def _authenticate(self, grpc_context) -> None:
+        """Raise AuthError unless the call carries a valid token. Serve hands the deployment a
+        RayServegRPCContext (ray/serve/grpc_util.py): a copy of the proxy's context, metadata included."""
+        if self.auth is not None:
+            self.auth.check(grpc_context.invocation_metadata())
 
     async def Generate(self, request: serving_pb2.GenerateRequest, grpc_context):
         try:
+            self._authenticate(grpc_context)
             async for response in self.router.api.generate(request):
                 yield response
-        except ApiError as e:
+        except (ApiError, AuthError) as e:
             grpc_context.set_code(e.code)
             grpc_context.set_details(e.message)
             # Serve's proxy applies a streaming call's context only when a message is yielded
@@ -205,16 +235,24 @@ class RouterDeployment:
 
     async def Score(self, request: serving_pb2.ScoreRequest, grpc_context) -> serving_pb2.ScoreResponse:
         try:
+            self._authenticate(grpc_context)
             return await self.router.api.score(request)
-        except ApiError as e:
+        except (ApiError, AuthError) as e:
             grpc_context.set_code(e.code)
             grpc_context.set_details(e.message)
             return serving_pb2.ScoreResponse()
 
-    def Status(self, request: serving_pb2.StatusRequest) -> serving_pb2.StatusResponse:
+    def Status(self, request: serving_pb2.StatusRequest, grpc_context) -> serving_pb2.StatusResponse:
+        try:
+            self._authenticate(grpc_context)
+        except AuthError as e:  # Status names groups and addresses: callers must authenticate too
+            grpc_context.set_code(e.code)
+            grpc_context.set_details(e.message)
+            return serving_pb2.StatusResponse()
         return self.router.api.status(request)
 
     def Check(self, request: health_pb2.HealthCheckRequest) -> health_pb2.HealthCheckResponse:
+        """Open without a token: load balancers and kubelet probes carry none, and it says only SERVING or not."""
         serving = self.router.serving()
         return health_pb2.HealthCheckResponse(
             status=health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import grpc
 import pytest
 from elasticmoe.v1 import serving_pb2
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from router_service.api import ApiError, MoEApi
 from router_service.engine import Engine, EngineConfig
@@ -100,3 +103,126 @@ def test_full_queue_is_resource_exhausted(tiny_checkpoint):
         assert any(isinstance(r, serving_pb2.GenerateResponse) for r in results)
     finally:
         engine.close()
+
+
+# ---- property-based: validation agrees with a plain, obviously-correct reference ---------------
+
+VOCAB, CONTEXT = 320, 4096  # the tiny checkpoint's
+INT32 = st.integers(-2**31, 2**31 - 1)
+EDGE_TOKEN = st.sampled_from([-1, 0, VOCAB - 1, VOCAB])
+TOKEN = st.one_of(st.integers(0, VOCAB - 1), EDGE_TOKEN, INT32)
+TOKENS = st.one_of(st.lists(TOKEN, max_size=8),
+                   st.tuples(st.lists(st.integers(0, VOCAB - 1), max_size=4), EDGE_TOKEN).map(lambda t: t[0] + [t[1]]),
+                   st.sampled_from([CONTEXT - 2, CONTEXT - 1, CONTEXT, CONTEXT + 1]).map(lambda n: [3] * n))
+EDGES = st.sampled_from([0.0, -0.0, 1.0, 1.0000001, 1e-45, -1e-45, math.inf, -math.inf, math.nan])
+ANY_VALUE = {  # per field: in range, at its edges, or anything protobuf can carry
+    "prompt": st.text(max_size=12),
+    "token_ids": TOKENS,
+    "max_tokens": st.one_of(st.integers(1, 6), st.sampled_from([-1, 0, CONTEXT - 9, CONTEXT - 8, CONTEXT - 1, CONTEXT]),
+                            INT32),
+    "temperature": st.one_of(st.floats(0, 2, width=32), EDGES, st.floats(width=32)),
+    "top_p": st.one_of(st.floats(0, 1, width=32), EDGES, st.floats(width=32)),
+    "top_k": st.one_of(st.integers(-2, 4), INT32),
+    "stop_token_ids": TOKENS,
+    "seed": st.integers(0, 2**64 - 1),
+    "logprobs": st.booleans(),
+}
+VALID_VALUE = {
+    "max_tokens": st.integers(1, 6), "temperature": st.floats(0, 2, width=32),
+    "top_p": st.floats(0.0625, 1, width=32), "top_k": st.integers(0, 4),
+    "stop_token_ids": st.lists(st.integers(0, VOCAB - 1), max_size=3), "seed": st.integers(0, 2**64 - 1),
+    "logprobs": st.booleans(),
+}
+
+
+@st.composite
+def one_field_off(draw) -> dict:
+    """A valid request with one field redrawn from anything: where a single missed check shows."""
+    fields = draw(st.fixed_dictionaries({"token_ids": st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=8)},
+                                        optional=VALID_VALUE))
+    name = draw(st.sampled_from(sorted(ANY_VALUE)))
+    fields[name] = draw(ANY_VALUE[name])
+    if name == "prompt" and draw(st.booleans()):
+        del fields["token_ids"]
+    return fields
+
+
+GENERATE_FIELDS = st.one_of(one_field_off(), st.fixed_dictionaries({}, optional=ANY_VALUE))
+
+
+def invalid_generate_fields(request: serving_pb2.GenerateRequest, tokenizer, max_new_tokens: int) -> set[str]:
+    """Every field the request gets wrong, read back from the message (so float32 rounding counts)."""
+    bad = set()
+    in_vocab = lambda ids: all(0 <= t < VOCAB for t in ids)  # noqa: E731
+    if request.prompt and request.token_ids:
+        bad |= {"prompt", "token_ids"}
+        prompt = []
+    elif request.prompt:
+        prompt = tokenizer.encode(request.prompt)
+    else:
+        prompt = list(request.token_ids)
+        if not in_vocab(prompt):
+            bad.add("token_ids")
+    if not prompt and not bad:
+        bad.add("prompt")  # empty
+    if len(prompt) >= CONTEXT:
+        bad.add("prompt")  # no room to generate
+    if not in_vocab(request.stop_token_ids):
+        bad.add("stop_token_ids")
+    if request.HasField("temperature") and not (math.isfinite(request.temperature) and request.temperature >= 0):
+        bad.add("temperature")
+    if request.HasField("top_p") and not (math.isfinite(request.top_p) and 0 < request.top_p <= 1):
+        bad.add("top_p")
+    if request.top_k < 0:
+        bad.add("top_k")
+    limit = min(max_new_tokens, CONTEXT - len(prompt))
+    if request.HasField("max_tokens") and not 1 <= request.max_tokens <= limit:
+        bad.add("max_tokens")
+    return bad
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fields=GENERATE_FIELDS)
+@example(fields={"token_ids": [VOCAB - 1], "stop_token_ids": [VOCAB - 1], "max_tokens": CONTEXT - 1})  # all edges, valid
+@example(fields={"token_ids": [VOCAB]})
+@example(fields={"token_ids": [1], "stop_token_ids": [VOCAB]})
+@example(fields={"token_ids": [1], "max_tokens": CONTEXT})
+def test_generate_validation_matches_the_reference(api, fields):
+    api, _ = api
+    request = serving_pb2.GenerateRequest(**fields)
+    bad = invalid_generate_fields(request, api.tokenizer, api.engine.config.max_new_tokens)
+    try:
+        prompt, params = api.validate_generate(request)
+    except ApiError as e:
+        assert e.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert bad, f"refused a valid request: {e.message}"
+        assert any(field in e.message for field in bad), (e.message, bad)  # names a field it got wrong
+        assert any(word in e.message for word in ("must be", "context holds", "exactly one", "is empty"))
+    else:
+        assert not bad, f"accepted a request wrong in {bad}"
+        assert 1 <= params.max_tokens <= CONTEXT - len(prompt) and all(0 <= t < VOCAB for t in prompt)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ids=st.one_of(st.lists(TOKEN, max_size=6), st.sampled_from([CONTEXT, CONTEXT + 1]).map(lambda n: [4] * n)))
+def test_score_validation_matches_the_reference(api, ids):
+    api, _ = api
+    valid = 2 <= len(ids) <= CONTEXT and all(0 <= t < VOCAB for t in ids)
+    try:
+        assert api.validate_score(serving_pb2.ScoreRequest(token_ids=ids)) == ids and valid
+    except ApiError as e:
+        assert not valid and e.code == grpc.StatusCode.INVALID_ARGUMENT and "token_ids" in e.message
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(token_ids=st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=6), max_tokens=st.integers(1, 4),
+       temperature=st.floats(0, 2, width=32), top_p=st.floats(0.0625, 1, width=32), top_k=st.integers(0, 5),
+       seed=st.integers(0, 2**64 - 1))
+def test_valid_requests_stream_to_a_finish(api, token_ids, max_tokens, temperature, top_p, top_k, seed):
+    api, _ = api
+    responses = generate(api, token_ids=token_ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                         top_k=top_k, seed=seed, logprobs=True)
+    tokens = [t for r in responses for t in r.token_ids]
+    assert 1 <= len(tokens) <= max_tokens and all(0 <= t < VOCAB for t in tokens)
+    assert responses[-1].finish_reason in ("stop", "length") and not any(r.finish_reason for r in responses[:-1])
+    assert all(len(r.logprobs) == len(r.token_ids) and all(lp <= 0 for lp in r.logprobs) for r in responses)

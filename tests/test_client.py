@@ -305,3 +305,147 @@ def test_client_imports_without_torch_or_ray():
             "sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray'))")
     repo = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", code], cwd=repo, check=True, timeout=60)
+
+
+# --- TLS: a self-signed CA, a server certificate for 127.0.0.1 / localhost / moe.test, a client one --
+
+def _pki_with_cryptography(out: Path) -> None:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(name, key, issuer, issuer_key, ca, san=None):
+        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+             .issuer_name(issuer).public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return b.sign(issuer_key, hashes.SHA256())
+
+    def write(stem, key, crt):
+        (out / f"{stem}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                            serialization.PrivateFormat.PKCS8,
+                                                            serialization.NoEncryption()))
+        (out / f"{stem}.pem").write_bytes(crt.public_bytes(serialization.Encoding.PEM))
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "elasticmoe test CA")])
+    write("ca", ca_key, cert("elasticmoe test CA", ca_key, ca_name, ca_key, True))
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    write("server", server_key, cert("server", server_key, ca_name, ca_key, False,
+                                     [x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                      x509.DNSName("localhost"), x509.DNSName("moe.test")]))
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    write("client", client_key, cert("client", client_key, ca_name, ca_key, False))
+
+
+def _pki_with_openssl(out: Path) -> None:
+    def run(*args):
+        subprocess.run(["openssl", *args], cwd=out, check=True, capture_output=True, timeout=60)
+
+    ec_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    run("req", "-x509", *ec_key, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=test-ca")
+    (out / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:moe.test\n")
+    for stem, ext in (("server", ["-extfile", "san.ext"]), ("client", [])):
+        run("req", *ec_key, "-keyout", f"{stem}.key", "-out", f"{stem}.csr", "-subj", f"/CN={stem}")
+        run("x509", "-req", "-in", f"{stem}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{stem}.pem", "-days", "1", *ext)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pki")
+    try:
+        import cryptography  # noqa: F401
+    except ImportError:
+        import shutil
+
+        if shutil.which("openssl") is None:
+            pytest.skip("neither the cryptography package nor the openssl CLI is here to make a test certificate")
+        _pki_with_openssl(out)
+    else:
+        _pki_with_cryptography(out)
+    return out
+
+
+@contextlib.contextmanager
+def tls_server(pki: Path, require_client_cert: bool = False):
+    servicer = FakeMoE()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    serving_pb2_grpc.add_MoEServiceServicer_to_server(servicer, server)
+    credentials = grpc.ssl_server_credentials([((pki / "server.key").read_bytes(), (pki / "server.pem").read_bytes())],
+                                              root_certificates=(pki / "ca.pem").read_bytes(),
+                                              require_client_auth=require_client_cert)
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    servicer.address = f"127.0.0.1:{port}"
+    try:
+        yield servicer
+    finally:
+        server.stop(grace=None).wait()
+
+
+def test_tls_with_a_ca_bundle_carries_calls_and_the_token(pki):
+    with tls_server(pki) as fake:
+        with MoEClient(fake.address, token="over-tls-token", tls=pki / "ca.pem", **FAST) as c:
+            assert c.generate([1]).token_ids == TOKENS and c.status().model == "fake-moe"
+        with MoEClient(fake.address, tls=str(pki / "ca.pem"), tls_server_name="moe.test", **FAST) as c:
+            assert c.score([1, 2]) == [-1.0]  # the certificate checked for another name than the one dialled
+        assert fake.metadata[0]["authorization"] == "Bearer over-tls-token"
+
+
+def test_tls_refuses_an_untrusted_server_and_plaintext(pki):
+    with tls_server(pki) as fake:
+        with MoEClient(fake.address, tls=True, timeout_s=10, **FAST) as c, pytest.raises(Unavailable):
+            c.status()  # the system roots do not know the test CA
+        with MoEClient(fake.address, tls=pki / "ca.pem", tls_server_name="other.test", timeout_s=10, **FAST) as c, \
+                pytest.raises(Unavailable):
+            c.status()  # a name the certificate does not carry
+        with MoEClient(fake.address, timeout_s=10, **FAST) as c, pytest.raises(Unavailable):
+            c.status()  # plaintext to a TLS port
+        assert fake.calls == 0
+
+
+def test_mutual_tls_needs_the_client_certificate(pki):
+    with tls_server(pki, require_client_cert=True) as fake:
+        mtls = (pki / "ca.pem", pki / "client.pem", pki / "client.key")
+        with MoEClient(fake.address, tls=mtls, **FAST) as c:
+            assert c.generate([1]).finish_reason == "length"
+        with MoEClient(fake.address, tls=pki / "ca.pem", timeout_s=10, **FAST) as c, pytest.raises(Unavailable):
+            c.status()
+        assert fake.calls == 1
+
+
+def test_async_client_over_mutual_tls(pki):
+    async def main(address):
+        mtls = (str(pki / "ca.pem"), str(pki / "client.pem"), str(pki / "client.key"))
+        async with AsyncMoEClient(address, token="async-tls-token", tls=mtls, **FAST) as c:
+            return (await c.generate([1])).token_ids, await c.score([1, 2, 3])
+
+    with tls_server(pki, require_client_cert=True) as fake:
+        assert asyncio.run(main(fake.address)) == (TOKENS, [-1.0, -2.0])
+        assert fake.metadata[0]["authorization"] == "Bearer async-tls-token"
+
+
+def test_tls_and_token_settings_are_validated(tmp_path):
+    with pytest.raises(ValueError, match="cannot read the CA bundle"):
+        MoEClient("127.0.0.1:1", tls=tmp_path / "missing.pem")
+    (tmp_path / "client.pem").write_text("a certificate")
+    with pytest.raises(ValueError, match="cannot read the client key"):
+        MoEClient("127.0.0.1:1", tls=(None, tmp_path / "client.pem", tmp_path / "missing.key"))
+    with pytest.raises(ValueError, match="tls must be"):
+        MoEClient("127.0.0.1:1", tls=("only-a-ca",))
+    with pytest.raises(ValueError, match="tls_server_name needs tls"):
+        MoEClient("127.0.0.1:1", tls_server_name="moe.test")
+    with pytest.raises(ValueError, match="token must be") as info:
+        MoEClient("127.0.0.1:1", token="has a space")
+    assert "has a space" not in str(info.value)
+    with MoEClient("127.0.0.1:1", token="do-not-print-me") as c:
+        assert "do-not-print-me" not in repr(c) and "***" in repr(c)

@@ -1,52 +1,62 @@
 """The placement planner: which groups hold which experts, and how tokens split between replicas.
 
-A pure function of numbers (numpy only; no Ray, Redis or torch), tested alone and replayed
-by `moectl plan`. L = MoE layers, E = experts per layer, G = groups, S = slots per layer per group.
+A pure function of numbers (numpy only: no Ray, Redis or torch), tested alone and replayed by
+`moectl plan`. L = MoE layers, E = experts per layer, G = groups, S = slots per layer per group.
 
-    plan(loads [L, E], G, S, current=None) -> Placement
-        slots  [L, G, S]  expert id in each slot, -1 = empty (a group holds <= S experts of each layer)
-        shares [L, G, S]  fraction of that expert's tokens routed to that replica; sums to 1 per expert
+    plan(loads [L, E], G, S, current=None, config) -> Placement
+        slots  [L, G, S]  expert id in each slot, -1 = empty (a group holds <= S experts of a layer)
+        shares [L, G, S]  fraction of that expert's tokens routed to that replica; 1 per expert
 
-Imbalance. Group load of layer l = sum over its slots of loads[l, e] * share. A layer takes as
-long as its busiest group, so a layer's balance is max_g / mean_g; imbalance() weighs layers
-by load: sum_l max_g / sum_l mean_g (1.0 = perfect; an idle layer counts as 1.0).
+Imbalance. Group load of layer l = sum over the group's slots of loads[l, e] * share. A layer
+takes as long as its busiest group, so its balance is max_g / mean_g (1.0 when idle), and
+imbalance() weighs layers by load: sum_l max_g / sum_l mean_g.
 
-From scratch, per layer (vectorised over layers where it matters):
-  1. replica counts: the EPLB rule, one more replica for the expert with the highest load per
-     replica (at most G), up to a budget R;
-  2. packing: replicas heaviest first onto the least-loaded group with a free slot that does
-     not hold that expert yet (the EPLB baseline, with its tie-breaks);
-  3. shares: the LP "min makespan, splittable jobs restricted to their groups". An expert on
-     two groups is a bridge that can carry any split, so uneven shares reach balance that
-     even ones cannot. Multiplicative updates (an overloaded group gives share away) keep
-     the best split seen, starting from the even one: never worse than the baseline packing
-     (within 0.3% of the exact LP optimum on greedy packings, checked with max-flow).
-  R tries E (one replica each), then E + f * (need - E) for a few f, then every slot, where
-  need = sum_e ceil(w_e / mean group load). The smallest R reaching target_imbalance wins,
-  else the best: past the target a replica only costs a weight load and memory.
+Weight loads. A replica on a group that did not hold that expert in current is one weight load
+(its weights copied there); with current=None every filled slot is one. Dropping a replica is
+free and not counted (moves() reports loads and drops).
 
-With current (migration-aware), per layer:
-  observe  current's expert sets on the G groups asked for: groups >= G are being removed
-           (their replicas go; experts left without one are placed again, heaviest first,
-           each a weight load), new groups start empty; shares refreshed for the new loads.
-  decide   grow: a layer above target adds one replica at a time, the heaviest expert of the
-           busiest group onto the lightest group with a free slot that lacks it (making room
-           by dropping an extra replica there if full), until within target; no reshuffle.
-           reshuffle: a layer growing leaves above target takes the from-scratch layer,
-           groups relabelled to keep the most of current, if that gains reshuffle_gain.
-           shrink: replicas above the from-scratch count of their expert are dropped, the
-           least used first, while the layer stays within max(target, its imbalance).
-  apply    a plan that loads weights must lower imbalance() by min_gain, else current's sets
-           stand (shrunk, with refreshed shares). Dropping is free, so it always applies.
-  Unchanged loads therefore move nothing, and a small drift moves little.
+From scratch, per layer (vectorised over layers):
+  1. counts    the EPLB rule: one replica each, then one more for the expert with the highest
+               load per replica (at most G), up to a budget R;
+  2. packing   replicas heaviest first onto the least-loaded group with a free slot that lacks
+               the expert (the EPLB baseline, tie-breaks included);
+  3. shares    the LP "min makespan, splittable jobs restricted to their groups": an expert on
+               two groups is a bridge that can carry any split, so uneven shares reach balance
+               even ones cannot. Multiplicative updates (a group above the mean gives share
+               away) from the even split, keeping the best seen, so never worse than the
+               baseline; within 0.3% of the exact LP optimum (checked offline by max-flow).
+  R tries E, then E + f * (need - E) for f in BUDGET_STEPS, then every slot (need = sum_e
+  ceil(w_e / mean group load)). The smallest R reaching target_imbalance wins, else the best:
+  past the target a replica only costs a weight load and memory. A layer still short (few
+  slots per group) gets the grow step below, kept only if no worse than EPLB at its count.
 
-weight_loads: replicas the plan puts on a group that did not hold that expert in current (with
-current=None: every filled slot). Dropped replicas cost no weight load and are not counted.
+With current (migration-aware):
+  observe  current's expert sets on the G groups asked for: groups >= G are being removed, so
+           their replicas go and an expert left without one is placed again (heaviest first,
+           lightest group; a weight load each); new groups start empty; a group over S sheds
+           its least-used extra replicas. Shares are re-solved for the new loads, and replicas
+           above their expert's keep count (its from-scratch count, or the count that keeps
+           each replica within a mean group load if more) drop while no layer gets worse.
+  decide   grow: each layer above target adds replicas one at a time, an expert of the busiest
+           group onto a group below it, picking the move that takes the most load off the top
+           per weight load: a free slot (half price if that group held the expert before),
+           else room made by dropping an extra replica (1) or moving a light expert (2). Adds
+           are planned on an estimate (groups bridged by balanced shares form one level, see
+           _Levels), then shares are solved exactly; a few rounds.
+           reshuffle: a layer grow leaves above target takes a packing seeded with current
+           (replicas go back where they were when that costs little balance) or the
+           from-scratch layer relabelled to keep the most, if that gains reshuffle_gain.
+           shrink: replicas the adds made redundant drop, as in observe.
+  apply    weight loads must lower imbalance() by min_gain, else observe's sets stand
+           (current's sets less free drops, shares refreshed); drops alone always apply.
+  So loads a plan was made for move nothing, and a 10% drift moves ~3% of the filled slots
+  (58 x 256 experts on 64 x 5 slots).
 """
 from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -59,11 +69,11 @@ class PlacementError(ValueError):
 class PlannerConfig:
     target_imbalance: float = 1.05  # stop adding replicas once a layer's max/mean group load is this or below
     min_gain: float = 0.05  # with current: weight loads must lower imbalance() by this (hysteresis)
-    reshuffle_gain: float = 0.02  # a layer is re-planned from scratch (many weight loads) only for this much
-    share_iterations: int = 60  # share updates per refinement: ~3 ms at 58x64x5; more gains < 0.1% on Zipf
-    share_step: float = 0.7  # update exponent: 1.0 oscillates between two groups, 0.5 converges slower
-    grow_rounds: int = 8  # each round adds replicas on estimates, then re-solves shares; Zipf needs 2-4
-    shrink_rounds: int = 12  # each round tries dropping a batch per layer (halved on failure)
+    reshuffle_gain: float = 0.02  # a reshuffle reloads most of a layer: only for this much lower max/mean
+    share_iterations: int = 60  # share updates per solve (early exit when converged); 200 gains < 0.3%
+    share_step: float = 1.0  # update exponent: at 60 steps 1.0 ends within 0.2% of the LP optimum, 0.5 within 0.8%
+    grow_rounds: int = 8  # estimated adds, then an exact share solve, per round; Zipf uses 2-3
+    shrink_rounds: int = 40  # each round tries a batch of drops per layer, halved on failure
 
     def __post_init__(self):
         for name, low, high in (("target_imbalance", 1.0, None), ("min_gain", 0.0, None),
@@ -149,7 +159,8 @@ class Placement:
         keys = (np.arange(slots.shape[0])[:, None, None] * E + slots)[held]
         counts = np.bincount(keys, minlength=slots.shape[0] * E).reshape(-1, E)
         sums = np.bincount(keys, weights=shares[held], minlength=counts.size).reshape(-1, E)
-        for mask, what in ((counts == 0, "has no replica"), (np.abs(sums - 1.0) > 1e-9, "has shares that do not sum to 1")):
+        for mask, what in ((counts == 0, "has no replica"),
+                           (np.abs(sums - 1.0) > 1e-9, "has shares that do not sum to 1")):
             if mask.any():
                 l, e = np.argwhere(mask)[0]
                 raise PlacementError(f"expert {e} of layer {l} {what}: groups {self.holders(l, e)}, "
@@ -159,12 +170,16 @@ class Placement:
 def round_robin(num_layers: int, num_experts: int, num_groups: int, slots_per_group: int) -> Placement:
     """Expert e of every layer on group e % G, one replica each: the cluster's starting layout.
     expected_imbalance is that of equal loads (the only loads it is planned for)."""
+    for name, v in (("num_layers", num_layers), ("num_experts", num_experts)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     _check_shape(num_experts, num_groups, slots_per_group)
     slots = np.full((num_layers, num_groups, slots_per_group), -1, dtype=np.int64)
     for e in range(num_experts):
         slots[:, e % num_groups, e // num_groups] = e
     shares = (slots >= 0).astype(np.float64)
-    return Placement(slots, shares, int((slots >= 0).sum()), Placement(slots, shares).imbalance(np.ones((num_layers, num_experts))))
+    equal = Placement(slots, shares).imbalance(np.ones((num_layers, num_experts)))
+    return Placement(slots, shares, int((slots >= 0).sum()), equal)
 
 
 def plan(loads, num_groups: int, slots_per_group: int, current: Placement | None = None,
@@ -186,7 +201,7 @@ def plan(loads, num_groups: int, slots_per_group: int, current: Placement | None
 
 # ---- from scratch -------------------------------------------------------------------------
 
-BUDGET_STEPS = (0.0, 0.5, 1.0, 1.5, 2.0, None)  # fractions of the extra replicas `need` asks for; None = all slots
+BUDGET_STEPS = (0.0, 0.5, 1.0, 1.1, 1.2, 1.35, 1.5, 2.0, None)  # of the extra replicas `need` asks for; None: all slots
 
 
 def replica_counts_greedy(w: np.ndarray, budget: int, num_groups: int) -> np.ndarray:
@@ -205,10 +220,15 @@ def replica_counts_greedy(w: np.ndarray, budget: int, num_groups: int) -> np.nda
     return r
 
 
-def pack(loads: np.ndarray, counts: np.ndarray, num_groups: int, slots_per_group: int) -> np.ndarray:
+def pack(loads: np.ndarray, counts: np.ndarray, num_groups: int, slots_per_group: int,
+         had: np.ndarray | None = None, slack: np.ndarray | None = None) -> np.ndarray:
     """The EPLB packing of every layer at once: replicas (load w_e / r_e) heaviest first, ties by
     expert id, onto the least-loaded group (ties: lowest id) with a free slot lacking the expert.
-    Returns slots [L, G, S]; a replica that finds no such group is left out."""
+    Returns slots [L, G, S]; a replica that finds no such group is left out.
+    Seeded with had [L, G, E] (current's sets) and slack [L]: a replica goes back to a group
+    that held its expert when that group is within slack of the least-loaded choice (no weight
+    load), and equal loads go first to the group that held fewest experts (an emptied group
+    takes a hot replica, so the experts of the others can stay)."""
     L, E = loads.shape
     per_replica = loads / counts
     R = int(counts.sum(axis=1).max())
@@ -223,10 +243,14 @@ def pack(loads: np.ndarray, counts: np.ndarray, num_groups: int, slots_per_group
     group_load = np.zeros((L, num_groups))
     holds = np.zeros((L, num_groups, E), dtype=bool)
     rows = np.arange(L)
+    tie = 0.0 if had is None else had.sum(axis=2) * 1e-12 * (1.0 + loads.sum(axis=1, keepdims=True))
     for i in range(R):
         e = np.maximum(item_e[:, i], 0)
         candidate = (fill < slots_per_group) & ~holds[rows, :, e]
-        g = np.argmin(np.where(candidate, group_load, np.inf), axis=1)
+        g = np.argmin(np.where(candidate, group_load + tie, np.inf), axis=1)
+        if had is not None:
+            reuse = candidate & had[rows, :, e] & (group_load <= group_load[rows, g][:, None] + slack[:, None])
+            g = np.where(reuse.any(axis=1), np.argmin(np.where(reuse, group_load, np.inf), axis=1), g)
         ok = (item_e[:, i] >= 0) & candidate[rows, g]
         l, g, e = rows[ok], g[ok], e[ok]
         slots[l, g, fill[l, g]] = e
@@ -265,6 +289,21 @@ def _from_scratch(loads: np.ndarray, G: int, S: int, config: PlannerConfig) -> P
             break
         budget[todo] = used[todo]
         _keep_better(slots, shares, imb, budget, todo, used[todo], *_packed(loads[todo], used[todo], G, S, config))
+    # Few slots per group (S <= 3) can leave every packing short of target: grow those layers
+    # like a migration would, kept only where also no worse than EPLB at the count they reach
+    over = np.nonzero(imb > config.target_imbalance)[0]
+    if over.size:
+        counts = Placement(slots[over], shares[over]).replica_counts(E)
+        grown, grown_imb = _grow(slots[over], shares[over], imb[over], loads[over], counts,
+                                 _membership(slots[over], E, G), config)
+        used = (grown >= 0).sum(axis=(1, 2))
+        eplb_counts = np.stack([replica_counts_greedy(loads[l], int(u), G) for l, u in zip(over, used)])
+        eplb = pack(loads[over], eplb_counts, G, S)
+        eplb_imb = _layer_imbalance(Placement(eplb, _even_shares(eplb, E)).group_loads(loads[over]))
+        ok = (grown_imb < imb[over] - 1e-12) & (grown_imb <= eplb_imb + 1e-12)
+        idx = over[ok]
+        slots[idx], imb[idx] = grown[ok], grown_imb[ok]
+        shares[idx] = refine_shares(grown[ok], loads[idx], config)
     return Placement(slots, shares, int((slots >= 0).sum()), Placement(slots, shares).imbalance(loads))
 
 
@@ -280,12 +319,12 @@ def _keep_better(slots, shares, imb, budget, todo, b, new_slots, new_shares, new
 def refine_shares(slots: np.ndarray, loads: np.ndarray, config: PlannerConfig = PlannerConfig()) -> np.ndarray:
     """Shares [L, G, S] that lower each layer's busiest group: from the even split, each step
     scales a replica's share by (mean / its group's load)^share_step and renormalises per
-    expert; per layer the best split seen is kept, so a layer never ends worse than even."""
+    expert; per layer the best split seen is kept, so a layer never ends worse than even.
+    Works on the filled slots only, flat: n = filled slots of the layers that can improve."""
     L, G, S = slots.shape
     E = loads.shape[1]
     held = slots >= 0
-    ids = np.where(held, slots, 0)
-    key = np.arange(L)[:, None, None] * E + ids  # (layer, expert) of each slot
+    key = np.arange(L)[:, None, None] * E + np.where(held, slots, 0)  # (layer, expert) of each slot
     counts = np.bincount(key[held], minlength=L * E)
     share = np.where(held, 1.0 / np.maximum(counts[key], 1), 0.0)
     mean = loads.sum(axis=1) / G
@@ -293,26 +332,42 @@ def refine_shares(slots: np.ndarray, loads: np.ndarray, config: PlannerConfig = 
     todo = np.nonzero((counts.reshape(L, E) > 1).any(axis=1) & (mean > 0))[0]
     if not todo.size or not config.share_iterations:
         return share
-    h, k, m = held[todo], key[todo], mean[todo][:, None]
-    flat = k[h]
-    w = np.where(h, loads[todo[:, None, None], ids[todo]], 0.0)  # [T, G, S] load of each slot's expert
-    s = share[todo]
-    best, best_max = s.copy(), (w * s).sum(axis=2).max(axis=1)
-    for _ in range(config.share_iterations):
-        gl = (w * s).sum(axis=2)
+    T = todo.size
+    l, g, k = np.nonzero(held[todo])
+    expert = key[todo][l, g, k]  # [n] (layer, expert) keys
+    group = l * G + g  # [n] (layer, group) within todo
+    w = loads.reshape(-1)[expert]  # [n] the expert's load
+    s = share[todo][l, g, k]
+    m = np.repeat(mean[todo], G)  # [T * G]
+    gl = np.bincount(group, weights=w * s, minlength=T * G)
+    best, best_max = s.copy(), gl.reshape(T, G).max(axis=1)
+    checkpoint = best_max.copy()
+    for i in range(config.share_iterations):
         with np.errstate(divide="ignore", over="ignore"):  # an idle group: the factor is capped
             factor = np.minimum((m / gl) ** config.share_step, 1e6)
-        new = (s * factor[:, :, None])[h]
-        s = np.zeros_like(s)
-        s[h] = new / np.bincount(flat, weights=new, minlength=L * E)[flat]
-        peak = (w * s).sum(axis=2).max(axis=1)
+        s = s * factor[group]
+        s /= np.bincount(expert, weights=s, minlength=L * E)[expert]
+        gl = np.bincount(group, weights=w * s, minlength=T * G)
+        peak = gl.reshape(T, G).max(axis=1)
         better = peak < best_max * (1 - 1e-12)
-        best[better], best_max[better] = s[better], peak[better]
-        if (best_max <= m[:, 0] * (1 + 1e-9)).all():
+        if better.any():
+            take = better[l]
+            best[take], best_max[better] = s[take], peak[better]
+        if (best_max <= mean[todo] * (1 + 1e-9)).all():
             break
-    best[h] /= np.bincount(flat, weights=best[h], minlength=L * E)[flat]  # exact sums after many steps
-    share[todo] = best
+        if i % 10 == 9:  # converged: no layer gained 0.01% in ten steps
+            if (best_max > checkpoint * (1 - 1e-4)).all():
+                break
+            checkpoint = best_max.copy()
+    best /= np.bincount(expert, weights=best, minlength=L * E)[expert]  # exact sums after many steps
+    out = share[todo]
+    out[l, g, k] = best
+    share[todo] = out
     return share
+
+
+def _even_shares(slots: np.ndarray, E: int) -> np.ndarray:
+    return refine_shares(slots, np.zeros((slots.shape[0], E)), PlannerConfig(share_iterations=0))
 
 
 def _layer_imbalance(group_loads: np.ndarray) -> np.ndarray:
@@ -332,26 +387,46 @@ def _solve(slots, loads, config):
 def _from_current(loads, G: int, S: int, current: Placement, config: PlannerConfig) -> Placement:
     L, E = loads.shape
     had = _membership(np.where(current.slots < E, current.slots, -1)[:, :G], E, G)  # [L, G, E]
-    aim = _from_scratch(loads, G, S, config)  # the counts to steer toward, and the reshuffle
-    want = aim.replica_counts(E)
-    # observe
+    aim = _from_scratch(loads, G, S, config)  # replica counts to steer toward; the reshuffle
+    aim_counts = aim.replica_counts(E)
+    mean = loads.sum(axis=1) / G
+    # surplus: replicas above both the from-scratch count and the count that keeps each replica
+    # within a mean group load (the from-scratch count alone jumps with small drifts)
+    need = np.ceil(loads / np.where(mean > 0, mean, np.inf)[:, None])
+    keep = np.maximum(aim_counts, np.clip(need, 1, G).astype(np.int64))
+    # observe: current's sets on these groups, surplus dropped while no layer gets worse
     start = _adapt(current.slots, loads, G, S)
-    start_shares, _ = _solve(start, loads, config)
-    start_total = Placement(start, start_shares).imbalance(loads)
-    # decide
-    grown = _grow(start, start_shares, loads, want, had, config)
-    _, grown_imb = _solve(grown, loads, config)
-    aim_imb = aim.layer_imbalance(loads)
-    for l in np.nonzero((grown_imb > config.target_imbalance) & (aim_imb <= grown_imb - config.reshuffle_gain))[0]:
-        grown[l] = _relabel(aim.slots[l], start[l], E)
-    new = _shrink(grown, loads, want, config)
-    # apply
-    shares, _ = _solve(new, loads, config)
-    out = Placement(new, shares, _added(new, had), Placement(new, shares).imbalance(loads))
-    if out.weight_loads > _added(start, had) and start_total - out.expected_imbalance < config.min_gain:
-        kept = _shrink(start, loads, want, config)
-        shares, _ = _solve(kept, loads, config)
-        out = Placement(kept, shares, _added(kept, had), Placement(kept, shares).imbalance(loads))
+    start_shares, start_imb = _solve(start, loads, config)
+    # a hot expert (above its layer's mean) keeps every replica it has: hot experts spread by
+    # replication, not migration, and a plan made for these loads stays put under them
+    hot = loads > loads.mean(axis=1, keepdims=True)
+    keep = np.where(hot, np.maximum(keep, Placement(start, start_shares).replica_counts(E)), keep)
+    base, base_shares, base_imb = _shrink(start, start_shares, start_imb, loads, keep, config)
+    # decide: grow layers above target; reshuffle where growing falls short
+    new, new_imb = _grow(base, base_shares, base_imb, loads, keep, had, config)
+    short = np.nonzero(new_imb > config.target_imbalance)[0]
+    if short.size:
+        seeded = pack(loads[short], aim_counts[short], G, S, had[short], (config.target_imbalance - 1) * mean[short])
+        relabelled = np.stack([_relabel(aim.slots[l], start[l], E) for l in short])
+        options = [(o, _solve(o, loads[short], config)[1]) for o in (seeded, relabelled)]
+        for i, l in enumerate(short):  # within target: the fewest weight loads; else the lowest imbalance
+            score = min((imb[i] > config.target_imbalance,
+                         imb[i] if imb[i] > config.target_imbalance else _added(o[i:i + 1], had[l:l + 1]), k)
+                        for k, (o, imb) in enumerate(options))
+            o, imb = options[score[2]]
+            if imb[i] <= new_imb[l] - config.reshuffle_gain:
+                new[l], new_imb[l] = o[i], imb[i]
+    changed = np.nonzero((new != base).any(axis=(1, 2)))[0]
+    new_shares = base_shares.copy()
+    if changed.size:  # replicas the adds made redundant go too, but not a hot expert's (above)
+        keep_grown = np.where(hot, np.maximum(keep, Placement(new, base_shares).replica_counts(E)), keep)
+        new[changed], new_shares[changed], _ = _shrink(new[changed], *_solve(new[changed], loads[changed], config),
+                                                       loads[changed], keep_grown[changed], config)
+    # apply: weight loads must buy min_gain; free drops always apply
+    out = Placement(new, new_shares, _added(new, had), Placement(new, new_shares).imbalance(loads))
+    gain = Placement(start, start_shares).imbalance(loads) - out.expected_imbalance
+    if out.weight_loads > _added(base, had) and gain < config.min_gain:
+        out = Placement(base, base_shares, _added(base, had), Placement(base, base_shares).imbalance(loads))
     return out
 
 
@@ -372,139 +447,276 @@ def _adapt(cur: np.ndarray, loads: np.ndarray, G: int, S: int) -> np.ndarray:
                 e = min([e for e in s if count[e] > 1] or s, key=lambda e: (w[e] / count[e], e))
                 s.discard(e)
                 count[e] -= 1
+        est = [sum(w[x] / count[x] for x in s) for s in groups]  # even-split group loads
         for e in np.argsort(-w, kind="stable"):
             if count[e]:
                 continue
-            est = [sum(w[x] / count[x] for x in s) for s in groups]  # even-split group loads
             room = [g for g in range(G) if len(groups[g]) < S]
             if not room:  # E <= G*S and e has no replica, so some expert holds two slots
                 g, x = min(((g, x) for g, s in enumerate(groups) for x in s if count[x] > 1),
                            key=lambda gx: (w[gx[1]] / count[gx[1]], gx))
                 groups[g].discard(x)
+                est[g] -= w[x] / count[x]
                 count[x] -= 1
                 room = [g]
-            groups[min(room, key=lambda g: (est[g], g))].add(int(e))
+            g = min(room, key=lambda g: (est[g], g))
+            groups[g].add(int(e))
+            est[g] += w[e]
             count[e] = 1
         out.append(groups)
     return _to_slots(out, S)
 
 
-def _grow(slots, shares, loads, want, had, config) -> np.ndarray:
-    """Add replicas to layers above target, in rounds: estimated adds, then shares re-solved."""
-    slots = slots.copy()
+def _grow(slots, shares, imb, loads, keep, had, config):
+    """(slots, [L] imbalance): replicas added to layers above target in rounds, each planned on
+    an estimate (_grow_layer), then shares solved exactly. A round may overshoot, so a layer
+    keeps its best state; one whose round changes nothing is done."""
+    slots, shares, best, best_imb = slots.copy(), shares.copy(), slots.copy(), imb.copy()
+    active = np.nonzero(imb > config.target_imbalance)[0]
     for _ in range(config.grow_rounds):
-        gl = Placement(slots, shares).group_loads(loads)
-        cap = config.target_imbalance * gl.mean(axis=1)
-        changed = False
-        for l in np.nonzero(gl.max(axis=1) > cap * (1 + 1e-12))[0]:
-            changed |= _grow_layer(slots[l], shares[l], loads[l], want[l], had[l], cap[l])
-        if not changed:
+        if not active.size:
             break
-        shares, _ = _solve(slots, loads, config)
-    return slots
+        gl = Placement(slots[active], shares[active]).group_loads(loads[active])
+        cap = (1 + AIM * (config.target_imbalance - 1)) * gl.mean(axis=1)
+        grew = [_grow_layer(slots[l], shares[l], loads[l], keep[l], had[l], cap[i]) for i, l in enumerate(active)]
+        active = active[np.array(grew, dtype=bool)]
+        if not active.size:
+            break
+        shares[active], imb = _solve(slots[active], loads[active], config)
+        better = imb < best_imb[active] - 1e-12
+        best[active[better]], best_imb[active[better]] = slots[active[better]], imb[better]
+        active = active[imb > config.target_imbalance]
+    return best, best_imb
 
 
-def _grow_layer(slots, shares, w, want, had, cap) -> bool:
-    """One layer, in place: while the busiest group is above cap, replicate its heaviest expert
-    onto the lightest group with a free slot that lacks it (preferring one that held it in
-    current: no weight load), moving half the gap. Returns whether anything changed."""
+def _grow_layer(slots, shares, w, keep, had, cap) -> bool:
+    """One layer, in place, on an estimate (_Levels): while the highest level is above cap,
+    replicate one of its three heaviest experts onto the receiver that moves the most load per
+    weight load (_Levels.receivers). Returns whether anything changed."""
     G, S = slots.shape
-    carried = [{int(e): w[e] * s for e, s in zip(slots[g], shares[g]) if e >= 0} for g in range(G)]
-    est = np.array([sum(c.values()) for c in carried])
+    lv = _Levels(slots, shares, w)
     count = np.bincount(slots[slots >= 0], minlength=len(w))
+    fresh: set[int] = set()  # experts replicated or moved here: never dropped or moved again (no ping-pong)
     changed = False
     for _ in range(G * S):
-        h = int(np.argmax(est))
-        if est[h] <= cap:
+        level = lv.level()
+        h = int(np.argmax(level))
+        if level[h] <= cap:
             break
-        for e in sorted(carried[h], key=lambda e: (-carried[h][e], e)):
-            lighter = [g for g in range(G) if est[g] < est[h] and e not in carried[g]]
-            if count[e] >= G or not lighter:
-                continue
-            room = [g for g in lighter if len(carried[g]) < S]
-            free = [g for g in room if had[g, e] and est[g] <= est.mean()]
-            g = min(free or room, key=lambda g: (est[g], g)) if room else _make_room(carried, est, count, want, lighter, h, e)
-            if g is None:
-                continue
-            t = min(carried[h][e], (est[h] - est[g]) / 2)
-            carried[h][e] -= t
-            carried[g][e] = t
-            est[h] -= t
-            est[g] += t
-            count[e] += 1
-            changed = True
-            break
-        else:
-            break  # nothing on the busiest group can move
+        top = lv.carried_in(lv.comp[h])
+        best = (1e-12 * (lv.mean + 1e-300), None)
+        view = lv.view(level, h, S)
+        for e in sorted(top, key=lambda e: (-top[e], e))[:TRIED]:
+            if count[e] < G:
+                for value, g, action, t in lv.receivers(view, e, top[e], count, keep, had, fresh):
+                    if value > best[0]:
+                        best = (value, (e, g, action, t))
+        if best[1] is None:
+            break  # nothing on the highest level can go anywhere
+        e, g, action, t = best[1]
+        if action is not None:
+            x, o = action
+            count[x] -= x in lv.carried[o]
+            lv.shift(g, o, x, lv.carried[g][x])
+            fresh.add(x)
+        lv.replicate(h, g, e, t)
+        fresh.add(e)
+        count[e] += 1
+        changed = True
     if changed:
-        slots[:] = _to_slots([[set(c) for c in carried]], S)[0]
+        slots[:] = _to_slots([[set(c) for c in lv.carried]], S)[0]
     return changed
 
 
-def _make_room(carried, est, count, want, lighter, h, e) -> int | None:
-    """Free a slot for e on the lightest full group: drop an extra replica there (one above its
-    wanted count first, then the least used) whose load its other holders absorb, not via h."""
-    for g in sorted(lighter, key=lambda g: (est[g], g)):
-        spare = [x for x in carried[g] if count[x] > 1 and x not in carried[h] and carried[g][x] < carried[h][e]]
-        if not spare:
-            continue
-        x = min(spare, key=lambda x: (count[x] <= want[x], carried[g][x], x))
-        c = carried[g].pop(x)
-        o = min((o for o in range(len(carried)) if x in carried[o]), key=lambda o: (est[o], o))
-        carried[o][x] += c
-        est[g] -= c
-        est[o] += c
-        count[x] -= 1
-        return g
-    return None
+AIM = 0.8  # grow plans for 80% of the allowed excess: the estimate lands a little high
+TRIED = 3  # experts of the top level tried per add, heaviest first
+RECEIVERS = 8  # full groups examined per add, lowest level first: a light group frees the most room
 
 
-def _shrink(slots, loads, want, config) -> np.ndarray:
-    """Drop replicas above their expert's wanted count, the least used first, while each layer
-    stays within max(target, its imbalance now): all at once, halving the batch on failure."""
-    slots = slots.copy()
-    shares, imb = _solve(slots, loads, config)
-    limit = np.maximum(config.target_imbalance, imb) + 1e-9
-    count = Placement(slots, shares).replica_counts(loads.shape[1])
-    cands, batch = {}, {}
-    for l in np.nonzero((count > want).any(axis=1))[0]:
-        g, s = np.nonzero((slots[l] >= 0) & (count[l][np.maximum(slots[l], 0)] > want[l][np.maximum(slots[l], 0)]))
-        e = slots[l, g, s]
-        order = np.lexsort((g, e, loads[l, e] * shares[l, g, s]))
-        cands[l] = [(int(g[i]), int(e[i])) for i in order]
-        batch[l] = len(cands[l])
-    for _ in range(config.shrink_rounds):
-        picks = {}
-        for l, cs in cands.items():
-            left = count[l].copy()
-            take = [(g, e) for g, e in cs if left[e] > want[l, e] and not _dec(left, e)][:batch[l]]
-            if take:
-                picks[l] = take
-        if not picks:
-            break
-        layers = list(picks)
-        trial = slots[layers].copy()
-        for i, l in enumerate(layers):
-            for g, e in picks[l]:
-                trial[i, g][trial[i, g] == e] = -1
-        _, timb = _solve(trial, loads[layers], config)
-        for i, l in enumerate(layers):
-            take = picks[l]
-            if timb[i] <= limit[l]:
-                slots[l] = trial[i]
-                for g, e in take:
-                    count[l, e] -= 1
-                cands[l] = [c for c in cands[l] if c not in take]
-            elif len(take) == 1:
-                cands[l].remove(take[0])  # needed: keep it
+class _Levels:
+    """One layer as the share solve leaves it: groups joined by an expert whose shares balance
+    them sit in a component at one level, and load moved into any of them spreads over all.
+    _grow_layer plans several adds on this estimate between two exact share solves."""
+
+    def __init__(self, slots, shares, w):
+        G = len(slots)
+        self.carried = [{int(e): w[e] * s for e, s in zip(slots[g], shares[g]) if e >= 0} for g in range(G)]
+        est = np.array([sum(c.values()) for c in self.carried])
+        self.mean = est.mean()
+        self.comp = np.arange(G)
+        self.load, self.size = est.copy(), np.ones(G)
+        holders: dict[int, list[int]] = {}
+        for g, c in enumerate(self.carried):
+            for e, x in c.items():
+                if x > 1e-9 * self.mean:
+                    holders.setdefault(e, []).append(g)
+        for gs in holders.values():  # within 1% of the mean: one level, up to the solve's accuracy
+            for a, b in zip(gs, gs[1:]):
+                if abs(est[a] - est[b]) <= 0.01 * self.mean:
+                    self.merge(self.comp[a], self.comp[b])
+
+    def level(self) -> np.ndarray:
+        return self.load[self.comp] / self.size[self.comp]
+
+    def merge(self, a, b) -> None:
+        if a != b:
+            self.comp[self.comp == b] = a
+            self.load[a], self.size[a] = self.load[a] + self.load[b], self.size[a] + self.size[b]
+            self.load[b], self.size[b] = 0.0, 0.0
+
+    def carried_in(self, c) -> dict:
+        total: dict[int, float] = {}
+        for g in np.nonzero(self.comp == c)[0]:
+            for e, x in self.carried[g].items():
+                total[e] = total.get(e, 0.0) + x
+        return total
+
+    def shift(self, g, o, x, c) -> None:
+        """Expert x leaves group g, its load c going to group o (a holder, or its new home)."""
+        del self.carried[g][x]
+        self.carried[o][x] = self.carried[o].get(x, 0.0) + c
+        self.load[self.comp[g]] -= c
+        self.load[self.comp[o]] += c
+
+    def replicate(self, h, g, e, t) -> None:
+        """A replica of e on g takes load t from e's holders at h's level; equal levels join."""
+        a, b = self.comp[h], self.comp[g]
+        holders = [k for k in np.nonzero(self.comp == a)[0] if self.carried[k].get(e, 0.0) > 0]
+        total = sum(self.carried[k][e] for k in holders)
+        for k in holders:
+            self.carried[k][e] -= t * self.carried[k][e] / total
+        self.carried[g][e] = t
+        self.load[a] -= t
+        self.load[b] += t
+        if abs(self.load[a] / self.size[a] - self.load[b] / self.size[b]) <= 1e-9 * self.mean:
+            self.merge(a, b)
+
+    def view(self, level, h, S) -> "_View":
+        lvl, comp = level.tolist(), self.comp.tolist()
+        below = [g for g in np.argsort(level, kind="stable").tolist() if comp[g] != comp[h] and lvl[g] < lvl[h]]
+        spare = [o for o, c in enumerate(self.carried) if len(c) < S]
+        return _View(lvl, comp, self.size.tolist(), h, S, below, spare, {})
+
+    def receivers(self, v, e, carried, count, keep, had, fresh):
+        """(load off h's level per weight load, group, room-making action, load moved) for a new
+        replica of e: a group below h's level that lacks e, with a free slot (cost 1; half if it
+        held e in current), or full and dropping a replica above its expert's keep count (cost
+        1) or moving its lightest single expert to a group with room (cost 2). Load a room-making
+        move sends to h's level counts against the gain; no other level may pass h's."""
+        held, S, a = self.carried, v.S, v.comp[v.h]
+        order = [g for g in v.below if e not in held[g]]
+        room = [g for g in order if len(held[g]) < S]
+        picks = room[:1] + [g for g in room if had[g, e]][:1] + [g for g in order[:RECEIVERS] if len(held[g]) >= S]
+        for g in picks:
+            b = v.comp[g]
+            if len(held[g]) < S:
+                options = [(0.5 if had[g, e] else 1.0, 0.0, 0.0, None)]
+            elif g in v.room_for:
+                options = v.room_for[g]
             else:
-                batch[l] = len(take) // 2
-    return _tidy(slots)
+                options = v.room_for[g] = self._make_room(v, g, count, keep, fresh)
+            for cost, freed, back, action in options:
+                sa, sb = v.size[a], v.size[b]
+                gap = (self.load[a] + back) / sa - (self.load[b] - freed) / sb
+                t = min(carried, gap * sa * sb / (sa + sb))
+                if t > back:
+                    yield (t - back) / cost, g, action, t
+
+    def _make_room(self, v, g, count, keep, fresh) -> list:
+        """Ways to free a slot on full group g: (cost, load leaving g's level, load landing on
+        h's level, (expert, where it goes))."""
+        held, options = self.carried, []
+        drops = [(c, x) for x, c in held[g].items() if count[x] > keep[x] and x not in fresh]
+        singles = [(c, x) for x, c in held[g].items() if count[x] == 1 and x not in fresh]
+        for cost, pool in ((1.0, drops), (2.0, singles)):
+            if pool:
+                c, x = min(pool)
+                places = ([o for o in range(len(held)) if o != g and x in held[o]] if cost == 1.0
+                          else [o for o in v.spare if x not in held[o]])
+                land = _landing(v, g, c, places, 0.05 * self.mean)
+                if land is not None:
+                    options.append((cost, c if v.comp[land[0]] != v.comp[g] else 0.0, land[1], (x, land[0])))
+        return options
 
 
-def _dec(left, e) -> bool:
-    left[e] -= 1
-    return False
+def _landing(v: "_View", g, c, places, negligible):
+    """(group, load landing at h's level) where load c leaving group g goes: the lowest level
+    it keeps below h's, else h's own (costing c); never g's component unless c is negligible
+    (the expert may be the very bridge that holds that level)."""
+    a, b = v.comp[v.h], v.comp[g]
+    fits = [o for o in places if v.comp[o] not in (a, b) and v.lvl[o] + c / v.size[v.comp[o]] < v.lvl[v.h]]
+    if fits:
+        return min(fits, key=lambda o: (v.lvl[o], o)), 0.0
+    same = [o for o in places if v.comp[o] == b and c <= negligible]
+    top = [o for o in places if v.comp[o] == a]
+    return (same[0], 0.0) if same else (top[0], c) if top else None
+
+
+class _View(NamedTuple):
+    """What _Levels.receivers reads for one add, as plain lists (numpy scalars are slow here)."""
+    lvl: list  # [G] level of each group
+    comp: list  # [G] component of each group
+    size: list  # [G] groups in each component (by component id)
+    h: int  # the group at the highest level
+    S: int
+    below: list  # groups below h's level outside its component, lowest first
+    spare: list  # groups with a free slot
+    room_for: dict  # group -> _make_room's options, cached across the experts tried
+
+
+def _shrink(slots, shares, imb, loads, keep, config):
+    """(slots, shares, imbalance) with replicas above their expert's keep count dropped, the
+    least used first, while each layer stays within max(target, its imbalance now): a layer's
+    candidates all at once, the batch halved on failure, a single failure kept. Passes repeat
+    until one drops nothing, so a second call on the result drops nothing either."""
+    slots, shares, imb = slots.copy(), shares.copy(), imb.copy()
+    limit = np.maximum(config.target_imbalance, imb) + 1e-9
+    rounds, todo = config.shrink_rounds, np.ones(len(slots), dtype=bool)
+    while rounds > 0:
+        cands = _surplus(slots, shares, loads, keep, todo)
+        todo[:] = False
+        batch = {l: len(c) for l, c in cands.items()}
+        while rounds > 0 and any(cands.values()):
+            rounds -= 1
+            layers = np.array([l for l, c in cands.items() if c])
+            picks = {l: cands[l][:batch[l]] for l in layers}
+            trial = slots[layers].copy()
+            for i, l in enumerate(layers):
+                for g, e in picks[l]:
+                    trial[i, g][trial[i, g] == e] = -1
+            trial = _tidy(trial)
+            trial_shares, trial_imb = _solve(trial, loads[layers], config)
+            for i, l in enumerate(layers):
+                take = picks[l]
+                if trial_imb[i] <= limit[l]:
+                    slots[l], shares[l], imb[l], todo[l] = trial[i], trial_shares[i], trial_imb[i], True
+                    cands[l] = cands[l][len(take):]
+                elif len(take) == 1:
+                    cands[l] = cands[l][1:]  # needed: it stays
+                else:
+                    batch[l] = len(take) // 2
+        if not todo.any():
+            break
+    return slots, shares, imb
+
+
+def _surplus(slots, shares, loads, keep, todo) -> dict:
+    """{layer: [(group, expert)]} for layers in todo: each expert's (count - keep) least-used
+    replicas, least-used first overall."""
+    count = Placement(slots, shares).replica_counts(loads.shape[1])
+    cands = {}
+    for l in np.nonzero(todo & (count > keep).any(axis=1))[0]:
+        ids = np.maximum(slots[l], 0)
+        g, s = np.nonzero((slots[l] >= 0) & (count[l][ids] > keep[l][ids]))
+        e = slots[l, g, s]
+        used = loads[l, e] * shares[l, g, s]
+        taken = np.zeros(len(keep[l]), dtype=np.int64)
+        cands[l] = []
+        for i in np.lexsort((g, e, used)):
+            if taken[e[i]] < count[l, e[i]] - keep[l, e[i]]:
+                taken[e[i]] += 1
+                cands[l].append((int(g[i]), int(e[i])))
+    return cands
 
 
 def _relabel(aim: np.ndarray, start: np.ndarray, E: int) -> np.ndarray:

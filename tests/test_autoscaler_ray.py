@@ -149,7 +149,8 @@ def test_groups_scale_with_utilisation(local_ray, tiny_checkpoint, reference):
             ok = traffic.ok
             assert ok > 0
             wait_for(lambda: len(cluster.state.load_placement().groups) == 1, 60, what="the idle group to go")
-            assert len(cluster.state.groups()) == 1
+            # the removed group is stopped (and unregistered) once the router has left the old placement
+            wait_for(lambda: len(cluster.state.groups()) == 1, 20, what="the removed group unregistered")
         finally:
             if traffic is not None:
                 traffic.stop()

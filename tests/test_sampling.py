@@ -141,8 +141,9 @@ VALID = {
     "logprobs": st.booleans(),
 }
 INVALID = {
-    "temperature": st.one_of(numbers.filter(lambda x: x < 0), junk),
-    "top_p": st.one_of(numbers.filter(lambda x: x <= 0 or x > 1), junk),
+    # `x != 0`: hypothesis rewrites `x < 0` into a bound that can yield -0.0, which is a valid 0
+    "temperature": st.one_of(numbers.filter(lambda x: x < 0 and x != 0), junk),
+    "top_p": st.one_of(numbers.filter(lambda x: x <= 0 or x > 1), junk),  # -0.0 <= 0: invalid, as it should be
     "top_k": st.one_of(st.integers(max_value=-1), st.floats(0.5, 10), junk),
     "max_tokens": st.one_of(st.integers(max_value=0), st.integers(4097, 10**9), st.just(2.0), junk),
     "seed": st.one_of(st.integers(max_value=-1), st.integers(MAX_SEED + 1, 2**70), st.just(1.0), st.just(False)),

@@ -19,7 +19,6 @@ next one; cooldown_s spaces changes; sustain_s ignores a one-window blip.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -43,6 +42,7 @@ class Observation:
     pairs: int  # (token, expert) pairs routed in the window, all routers
     utilization: dict[str, float]  # group name -> busy fraction over the window
     imbalance: float  # of the current placement under `loads`
+    current: Placement  # the placement table in planner form, converted once per round
 
     @property
     def mean_utilization(self) -> float:
@@ -65,8 +65,7 @@ class Autoscaler:
     _since: dict[str, float] = field(default_factory=dict)  # condition -> when it started to hold
 
     def slots_per_group(self, num_groups: int) -> int:
-        E = self.spec.num_experts
-        return max(math.ceil(E / num_groups), math.ceil(E / num_groups * (1 + self.config.spare_slots)))
+        return self.config.slots_per_group(self.spec.num_experts, num_groups)
 
     @property
     def planner_config(self) -> PlannerConfig:
@@ -87,7 +86,8 @@ class Autoscaler:
         utilization = {name: min(1.0, groups[name]["busy_s"] / window) if name in groups else 0.0
                        for name in group_names}
         current = table.to_placement(self.spec, self.slots_per_group(len(table.groups)))
-        return Observation(now, loads / window, int(loads.sum()), utilization, float(current.imbalance(loads)))
+        return Observation(now, loads / window, int(loads.sum()), utilization, float(current.imbalance(loads)),
+                           current)
 
     # ---- decide -----------------------------------------------------------------------
 
@@ -96,7 +96,7 @@ class Autoscaler:
         scaling = cfg.max_groups is not None  # None: the group count stays as the controller started it
         max_groups = cfg.max_groups if scaling else G
         idle = obs.pairs < cfg.min_tokens
-        current = table.to_placement(self.spec, self.slots_per_group(G))
+        current = obs.current
         extra = bool((current.replica_counts() > 1).any())
         held = {  # every condition is evaluated each round, so its timer resets the moment it stops holding
             "busy": self._held("busy", obs.mean_utilization > cfg.scale_up_utilization and G < max_groups, obs.now),
@@ -111,14 +111,14 @@ class Autoscaler:
             return Decision(ADD_GROUP, f"mean group utilisation {obs.mean_utilization:.2f} > "
                                        f"{cfg.scale_up_utilization} for {held['busy']:.0f} s")
         if held["quiet"] >= cfg.scale_sustain_s:
-            placement = self.plan(obs.loads, table, G - 1)
+            placement = self.plan(obs.loads, current, G - 1)
             return Decision(REMOVE_GROUP, f"mean group utilisation {obs.mean_utilization:.2f} < "
                                           f"{cfg.scale_down_utilization} for {held['quiet']:.0f} s", placement)
         if held["idle"] >= cfg.sustain_s:
-            placement = self.plan(np.zeros_like(obs.loads), table, G)
+            placement = self.plan(np.zeros_like(obs.loads), current, G)
             return Decision(REBALANCE, f"no traffic for {held['idle']:.0f} s: dropping extra replicas", placement)
         if held["imbalanced"] >= cfg.sustain_s:
-            placement = self.plan(obs.loads, table, G)
+            placement = self.plan(obs.loads, current, G)
             if placement.weight_loads == 0 and _same_sets(placement, current):
                 return Decision(HOLD, f"imbalance {obs.imbalance:.2f}, but no plan gains {cfg.min_gain} or more")
             return Decision(REBALANCE, f"imbalance {obs.imbalance:.2f} > {cfg.imbalance_threshold} for "
@@ -127,9 +127,8 @@ class Autoscaler:
         return Decision(HOLD, f"imbalance {obs.imbalance:.2f}, utilisation {obs.mean_utilization:.2f}, "
                               f"{obs.pairs} pairs in {cfg.window_s:.0f} s")
 
-    def plan(self, loads: np.ndarray, table: PlacementTable, num_groups: int) -> Placement:
+    def plan(self, loads: np.ndarray, current: Placement, num_groups: int) -> Placement:
         """A plan for num_groups groups (the current ones, the last ones dropped or new ones empty)."""
-        current = table.to_placement(self.spec, self.slots_per_group(len(table.groups)))
         return plan(loads, num_groups, self.slots_per_group(num_groups), current, self.planner_config)
 
     def changed(self, now: float | None = None) -> None:

@@ -6,6 +6,7 @@ Every field is validated when built, with a message that names it.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from cluster.typed_config import config_from_dict
@@ -61,6 +62,10 @@ class AutoscalerConfig:
         if self.scale_down_utilization >= self.scale_up_utilization:
             raise ValueError(f"scale_down_utilization ({self.scale_down_utilization}) must be below "
                              f"scale_up_utilization ({self.scale_up_utilization})")
+
+    def slots_per_group(self, num_experts: int, num_groups: int) -> int:
+        """Slots per MoE layer per group: an even share of the experts plus spare_slots of room."""
+        return max(math.ceil(num_experts / num_groups), math.ceil(num_experts / num_groups * (1 + self.spare_slots)))
 
     @classmethod
     def from_dict(cls, d: dict) -> "AutoscalerConfig":

@@ -33,13 +33,14 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 import ray
-from elasticmoe.v1 import expert_pb2, expert_pb2_grpc
+from elasticmoe.v1 import expert_pb2
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from cluster.autoscaler import ADD_GROUP, REBALANCE, REMOVE_GROUP, Autoscaler, Decision, Observation
 from cluster.autoscaler_config import AutoscalerConfig
 from cluster.checkpoint import Checkpoint
 from cluster.metrics import AutoscalerMetrics, serve_metrics
+from cluster.placement import Placement
 from cluster.placement_table import PlacementTable
 from cluster.rebalance import Rebalancer, RebalanceResult, grpc_call
 from cluster.state import ClusterState, check_url
@@ -165,6 +166,7 @@ class Controller:
         self._last_obs: Observation | None = None
         self.last_decision: Decision | None = None
         self.last_rebalance: dict | None = None
+        self.paused = False  # `moectl autoscaler pause` (a flag in Redis), as of the last round
 
     # ---- start ------------------------------------------------------------------------
 
@@ -334,9 +336,7 @@ class Controller:
     async def _serves(self, address: str) -> bool:
         """Whether a group answers Stats at address within health_timeout_s."""
         try:
-            async with grpc.aio.insecure_channel(address) as channel:
-                await expert_pb2_grpc.ExpertServiceStub(channel).Stats(expert_pb2.StatsRequest(),
-                                                                       timeout=self.config.health_timeout_s)
+            await grpc_call(address, "Stats", expert_pb2.StatsRequest(), self.config.health_timeout_s)
             return True
         except grpc.aio.AioRpcError:
             return False
@@ -399,7 +399,7 @@ class Controller:
             await self._finish_retiring()
             if not self.config.autoscaler.enabled:
                 decision = Decision("hold", "autoscaler disabled (autoscaler.enabled: false)")
-            elif self._paused_now():
+            elif self.paused:
                 decision = Decision("hold", "paused (moectl autoscaler resume)")
             elif self._adding is not None:
                 decision = Decision("hold", "a new group is starting")
@@ -427,11 +427,6 @@ class Controller:
             log.warning("controller %s: Redis had lost placement v%d; published it again", self.config.name,
                         table.version)
 
-    paused = False  # `moectl autoscaler pause` (a flag in Redis), as of the last round
-
-    def _paused_now(self) -> bool:
-        return self.paused
-
     def status(self) -> dict:
         """What the autoscaler did last, for `moectl` and the router's Status (JSON-able, no secrets)."""
         obs, d = self._last_obs, self.last_decision
@@ -444,7 +439,7 @@ class Controller:
                 "updated_at": time.time()}
 
     def _export(self, obs: Observation, table: PlacementTable) -> None:
-        m, counts = self.metrics, table.to_placement(self.spec, 1).replica_counts()
+        m, counts = self.metrics, obs.current.replica_counts()
         m.imbalance.set(obs.imbalance)
         m.groups.set(len(table.groups))
         m.placement_version.set(table.version)
@@ -518,7 +513,8 @@ class Controller:
             old = self._table
             widened = PlacementTable(old.version, old.groups + (address,), old.replicas, old.shares)
             loads = self._last_obs.loads if self._last_obs is not None else self._no_load()
-            placement = self.autoscaler.plan(loads, widened, len(widened.groups))
+            current = widened.to_placement(self.spec, self.autoscaler.slots_per_group(len(old.groups)))
+            placement = self.autoscaler.plan(loads, current, len(widened.groups))
             self._table = widened  # not published: rebalance publishes v+1 with the new group in it
             result = await self._rebalance(placement, f"scale up: {reason}", groups=widened.groups)
             if result.result == "failed":
@@ -600,8 +596,6 @@ class Controller:
             mine = slots[l] == expert
             shares[l][mine] = 1.0 / replicas
             shares[l][slots[l] < 0] = 0.0
-            from cluster.placement import Placement
-
             new = Placement(slots=slots, shares=shares, weight_loads=max(0, replicas - len(holders)),
                             expected_imbalance=float("nan"))
             if replicas == len(holders):

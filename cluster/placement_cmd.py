@@ -127,7 +127,7 @@ def cmd_plan(args) -> int:
     shape = TableShape.of(table)
     cfg = AutoscalerConfig(spare_slots=args.spare_slots)
     G = args.groups or len(table.groups)
-    S = max(math.ceil(shape.num_experts / G), math.ceil(shape.num_experts / G * (1 + cfg.spare_slots)))
+    S = cfg.slots_per_group(shape.num_experts, G)
     loads = _load(state, shape, args.window_s)
     current = table.to_placement(shape, S)
     start = time.perf_counter()

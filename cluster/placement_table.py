@@ -63,13 +63,13 @@ class PlacementTable:
 
         from cluster.placement import Placement
 
-        layers = list(spec.sparse_layers)
-        held = [[[] for _ in self.groups] for _ in layers]  # [L][G] -> [(expert, share)]
+        index = {layer: l for l, layer in enumerate(spec.sparse_layers)}
+        held = [[[] for _ in self.groups] for _ in index]  # [L][G] -> [(expert, share)]
         for (layer, expert), groups in self.replicas.items():
             for g, share in zip(groups, self.shares_of((layer, expert))):
-                held[layers.index(layer)][g].append((expert, share))
+                held[index[layer]][g].append((expert, share))
         width = max([slots_per_group] + [len(h) for per_layer in held for h in per_layer])
-        slots = np.full((len(layers), len(self.groups), width), -1, dtype=np.int64)
+        slots = np.full((len(index), len(self.groups), width), -1, dtype=np.int64)
         shares = np.zeros(slots.shape, dtype=np.float64)
         for l, per_layer in enumerate(held):
             for g, h in enumerate(per_layer):

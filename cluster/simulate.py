@@ -204,19 +204,6 @@ class Trace:
 # ---- the autoscaler, as deployed, on a modelled cluster -------------------------------------
 
 
-@dataclass(frozen=True)
-class _SimTable(PlacementTable):
-    """A real PlacementTable (fake addresses) that converts itself for the planner once: decide()
-    asks every round, and converting ~15k-75k replicas each simulated second would dominate the run."""
-
-    _views: dict = field(default_factory=dict, compare=False, repr=False)
-
-    def to_placement(self, spec, slots_per_group: int) -> Placement:
-        if slots_per_group not in self._views:
-            self._views[slots_per_group] = super().to_placement(spec, slots_per_group)
-        return self._views[slots_per_group]
-
-
 @dataclass
 class _SimAutoscaler(Autoscaler):
     """Autoscaler.decide() unchanged; a modelled GPU has a fixed --slots (not ceil(E/G*(1+spare_slots)))
@@ -228,9 +215,9 @@ class _SimAutoscaler(Autoscaler):
     def slots_per_group(self, num_groups: int) -> int:
         return self.fixed_slots
 
-    def plan(self, loads, table, num_groups):
+    def plan(self, loads, current, num_groups):
         start = time.perf_counter()
-        out = super().plan(loads, table, num_groups)
+        out = super().plan(loads, current, num_groups)
         self.plan_wall_s.append(time.perf_counter() - start)
         return out
 
@@ -270,7 +257,7 @@ def simulate(config: SimConfig, progress=None) -> dict:
     names = [f"gpu{g}" for g in range(c.gpus)]
     acfg = c.autoscaler_config()
     scaler = _SimAutoscaler(acfg, spec, None, last_change=-math.inf, fixed_slots=c.slots)
-    table = _SimTable.from_placement(round_robin(c.layers, c.experts, c.gpus, c.slots), spec,
+    table = PlacementTable.from_placement(round_robin(c.layers, c.experts, c.gpus, c.slots), spec,
                                      [f"10.0.{g // 256}.{g % 256}:50051" for g in range(c.gpus)], 1)
     elastic = table.to_placement(spec, c.slots)
     static = elastic if c.baseline == "round-robin" else \
@@ -294,7 +281,7 @@ def simulate(config: SimConfig, progress=None) -> dict:
             assert decision.action in (HOLD, REBALANCE), decision  # max_groups None: no group scaling
             next_round = t + acfg.interval_s
             if decision.action == REBALANCE:
-                new_table = _SimTable.from_placement(decision.placement, spec, table.groups, table.version + 1)
+                new_table = PlacementTable.from_placement(decision.placement, spec, table.groups, table.version + 1)
                 new = new_table.to_placement(spec, c.slots)
                 per_gpu = _new_per_group(elastic, new)
                 load_s = float(per_gpu.max()) * c.expert_bytes / (c.link_gb_s * 1e9)
@@ -346,7 +333,7 @@ def _observe(t, window, window_s, names, current: Placement, c: SimConfig) -> Ob
     passes_s = loads.sum() / c.layers / c.top_k / c.pass_tokens
     busy = current.group_loads(loads).sum(axis=0) * c.pair_s + passes_s * c.layers * c.layer_overhead_us * 1e-6
     utilization = {name: float(min(1.0, b)) for name, b in zip(names, busy)}
-    return Observation(t, loads, pairs, utilization, float(current.imbalance(loads)))
+    return Observation(t, loads, pairs, utilization, float(current.imbalance(loads)), current)
 
 
 def _derived(c: SimConfig) -> dict:

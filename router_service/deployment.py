@@ -113,7 +113,8 @@ class Router:
             self.state = state = ClusterState(config.redis_url, config.redis_namespace)
             self.follower = PlacementFollower(self.experts, state, config.placement_poll_s)
             self.reporter = TelemetryReporter(self.experts, Telemetry(state), config.telemetry_flush_s,
-                                              metrics_address=self.metrics_address, on_flush=self._on_flush)
+                                              metrics_address=self.metrics_address, on_flush=self._on_flush,
+                                              on_drop=self.metrics.telemetry_dropped.inc)
         self.api = MoEApi(self.engine, spec, Tokenizer.from_dir(config.checkpoint), self.status)
         self.spec = spec
         log.info("router up: %s, %d dense MiB, placement v%d over %d groups", spec.family,
@@ -175,11 +176,6 @@ class Router:
     def _on_flush(self, counts) -> None:
         self.metrics.on_load(counts)
         self.metrics.placement_version.set(self.experts.table.version)
-        if self.reporter is not None:
-            self.metrics.telemetry_dropped.inc(self.reporter.dropped - self._dropped_seen)
-            self._dropped_seen = self.reporter.dropped
-
-    _dropped_seen = 0
 
     def close(self):
         if self.reporter is not None:

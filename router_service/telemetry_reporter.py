@@ -22,11 +22,12 @@ log = logging.getLogger(__name__)
 
 class TelemetryReporter:
     def __init__(self, experts: RemoteExperts, telemetry: Telemetry, flush_s: float = 0.1,
-                 router_id: str | None = None, metrics_address: str | None = None, on_flush=None):
+                 router_id: str | None = None, metrics_address: str | None = None, on_flush=None, on_drop=None):
         self.experts, self.telemetry, self.flush_s = experts, telemetry, flush_s
         self.router_id = router_id or f"router-{uuid.uuid4().hex[:8]}"
         self.metrics_address = metrics_address
         self.on_flush = on_flush  # called with each batch of counts (metrics), written or not
+        self.on_drop = on_drop  # called once per batch lost to an unreachable Redis (metrics)
         self.flushes = 0  # batches written
         self.dropped = 0  # batches lost because Redis was unreachable
         self._failing = False
@@ -43,6 +44,8 @@ class TelemetryReporter:
             self.telemetry.record_router(self.router_id, counts, self.experts.version_in_use, self.metrics_address)
         except Exception as e:  # redis.ConnectionError, TimeoutError, ...: never let it reach serving
             self.dropped += 1
+            if self.on_drop is not None:
+                self.on_drop()
             if not self._failing:
                 log.warning("telemetry: cannot write to Redis (%s); dropping load counts until it is back", e)
             self._failing = True

@@ -1,7 +1,8 @@
 """moectl: the command line of elastic-moe.
 
 Every error a user can cause (a bad path, a corrupt checkpoint, an unsupported model,
-a bad flag value) ends as one line on stderr and exit status 2, never a traceback.
+a bad flag value) ends as one line on stderr and exit status 2, never a traceback; a Redis
+that is down or refuses the URL's password or TLS settings, one line and exit status 1.
 """
 from __future__ import annotations
 
@@ -271,6 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `moectl status | head`: the reader left; not an error
         sys.stderr.close()
         return 0
+    except Exception as e:
+        # Redis down, or it refused our password / TLS settings: one line, no secret (cluster/redis_url.py).
+        # Looked up lazily: commands that never load cluster.state (generate, status) do not import redis.
+        state = sys.modules.get("cluster.state")
+        if state is None or not isinstance(e, state.RedisAccessError):
+            raise
+        print(f"moectl: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

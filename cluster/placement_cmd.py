@@ -39,9 +39,17 @@ def redis_url(args) -> str:
 
 
 def _state(args):
+    """The cluster's state, after one PING: an unreachable Redis, a wrong password or a TLS
+    mismatch ends the command with a one-line RedisAccessError (no secret in it)."""
     from cluster.state import ClusterState
 
-    return ClusterState(redis_url(args), args.namespace)
+    state = ClusterState(redis_url(args), args.namespace)
+    try:
+        state.ping()
+    except BaseException:
+        state.close()
+        raise
+    return state
 
 
 @dataclass(frozen=True)

@@ -30,23 +30,26 @@ without its table, and a subscriber woken by the message always finds that table
 notification. Pub/sub is fire-and-forget: a router that was disconnected misses
 messages, so routers also poll `{ns}:placement:version` now and then.
 
-Credentials travel in the URL (`redis://:password@host:6379/0`, `rediss://` for TLS).
-Log the URL only through redact_url().
+Credentials travel in the URL (`redis://:password@host:6379/0`, `rediss://...?ssl_ca_certs=/ca.pem`
+for TLS; cluster/redis_url.py lists the forms). Log the URL only through redact_url(), and a
+connection error only through ClusterState.explain().
 """
 from __future__ import annotations
 
 import json
 import logging
 import time
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 
 from cluster.placement_table import PlacementTable
+from cluster.redis_url import URL_SCHEMES, check_tls_files, check_url, explain_error, redact_url, tls_unverified
+
+__all__ = ["ClusterState", "ClusterStateError", "RedisAccessError", "StaleVersionError", "URL_SCHEMES", "check_url",
+           "redact_url"]
 
 log = logging.getLogger(__name__)
 
-URL_SCHEMES = ("redis", "rediss", "unix")
 SOCKET_TIMEOUT_S = 5.0  # a control-plane call that hangs longer than this means Redis is gone, not slow
 PUBSUB_HEALTH_CHECK_S = 10  # redis-py pings an idle subscription this often, so a dead connection is noticed
 
@@ -59,30 +62,9 @@ class StaleVersionError(ClusterStateError):
     """publish_placement got a version not greater than the one in Redis (another writer is ahead)."""
 
 
-def redact_url(url: str) -> str:
-    """The URL with its password (userinfo or ?password=) replaced by ***, safe for logs."""
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if "@" in netloc:
-            userinfo, hostport = netloc.rsplit("@", 1)
-            user, has_password, _ = userinfo.partition(":")
-            # redis://secret@host: redis-py reads a lone userinfo as the password, so hide it too
-            netloc = f"{user}:***@{hostport}" if has_password else f"***@{hostport}"
-        query = parts.query
-        if query:
-            pairs = parse_qsl(query, keep_blank_values=True)
-            query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*")
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    except ValueError:  # unparsable (a bad port, say): show only the scheme, never the rest
-        return url.split(":", 1)[0] + "://<unparsable>"
-
-
-def check_url(url: str) -> None:
-    """Raise ValueError unless url is a Redis URL redis-py can dial."""
-    if not isinstance(url, str) or urlsplit(url).scheme not in URL_SCHEMES:
-        shown = redact_url(url) if isinstance(url, str) else repr(url)
-        raise ValueError(f"redis_url must start with one of {', '.join(s + '://' for s in URL_SCHEMES)}, got {shown}")
+class RedisAccessError(ClusterStateError):
+    """Redis is unreachable or refused us (password, TLS); the message says which and what to change,
+    and holds no secret (cluster/redis_url.py: explain_error)."""
 
 
 class ClusterState:
@@ -90,10 +72,14 @@ class ClusterState:
 
     def __init__(self, redis_url: str, namespace: str = "elasticmoe"):
         check_url(redis_url)
+        check_tls_files(redis_url)  # here, where the connection is made: a missing CA file named now, not at a PING
         if not isinstance(namespace, str) or not namespace or ":" in namespace:
             raise ValueError(f"namespace must be a non-empty string without ':', got {namespace!r}")
         self.namespace = namespace
         self.url_for_logs = redact_url(redis_url)
+        self._url = redis_url  # for explain() only; never logged
+        if tls_unverified(redis_url):
+            log.warning("TLS to %s without checking the server's certificate (ssl_cert_reqs=none)", self.url_for_logs)
         self.client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=SOCKET_TIMEOUT_S,
                                            socket_connect_timeout=SOCKET_TIMEOUT_S,
                                            health_check_interval=PUBSUB_HEALTH_CHECK_S)
@@ -108,6 +94,21 @@ class ClusterState:
 
     def close(self) -> None:
         self.client.close()
+
+    def ping(self) -> None:
+        """One round trip; raise RedisAccessError saying what failed (nothing listening, password,
+        TLS certificate, plaintext against a TLS port) when Redis does not answer PONG."""
+        try:
+            self.client.ping()
+        except redis.RedisError as e:
+            raise RedisAccessError(self.explain(e)) from None  # the message carries the cause, scrubbed
+
+    def explain(self, error: BaseException) -> str:
+        """A log-safe sentence for an error this state's client raised (cluster/redis_url.py)."""
+        return explain_error(error, self._url)
+
+    def __repr__(self) -> str:
+        return f"ClusterState({self.url_for_logs!r}, {self.namespace!r})"
 
     # ---- placement ------------------------------------------------------------------
 

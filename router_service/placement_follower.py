@@ -5,7 +5,8 @@
                   apply    load the table, experts.set_table()   (adopted at the next step)
 
 Polling rather than pub/sub alone: pub/sub drops messages while a router is
-disconnected, and one GET every half second costs nothing. If Redis is unreachable the
+disconnected, and one GET every half second costs nothing. `refresh_soon()` polls at once:
+dispatch calls it when a group answers that the router's placement is stale. If Redis is unreachable the
 router keeps serving on the placement it has; the failure is logged once per outage
 and counted.
 """
@@ -25,6 +26,7 @@ class PlacementFollower:
         self.experts, self.state, self.poll_s = experts, state, poll_s
         self.failures = 0  # polls that could not reach Redis or load a table
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set: poll now rather than at the end of poll_s
         self._thread = threading.Thread(target=self._loop, name="placement-follower", daemon=True)
         self._thread.start()
 
@@ -42,7 +44,11 @@ class PlacementFollower:
 
     def _loop(self) -> None:
         failing = False
-        while not self._stop.wait(self.poll_s):
+        while True:
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 self.poll_once()
                 if failing:
@@ -51,10 +57,16 @@ class PlacementFollower:
             except Exception as e:  # Redis down or a bad table: keep serving on the current placement
                 self.failures += 1
                 if not failing:
+                    # explain(): says what failed (password, TLS, down) and holds no secret
                     log.warning("placement follower cannot refresh (%s); serving on placement v%d",
-                                e, self.experts.table.version)
+                                self.state.explain(e), self.experts.table.version)
                 failing = True
+
+    def refresh_soon(self) -> None:
+        """Poll Redis now (any thread): a group said this router's placement is out of date."""
+        self._wake.set()
 
     def close(self) -> None:
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout=5)

@@ -47,7 +47,8 @@ class TelemetryReporter:
             if self.on_drop is not None:
                 self.on_drop()
             if not self._failing:
-                log.warning("telemetry: cannot write to Redis (%s); dropping load counts until it is back", e)
+                log.warning("telemetry: cannot write to Redis (%s); dropping load counts until it is back",
+                            self.telemetry.state.explain(e))  # what failed (password, TLS, down), no secret
             self._failing = True
             return False
         if self._failing:

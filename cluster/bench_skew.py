@@ -134,7 +134,8 @@ def run(args) -> int:
         ray.get(controller.start.remote())
         router = Router(RouterConfig(checkpoint=str(args.checkpoint), placement=state.load_placement().to_json(),
                                      redis_url=redis.url, redis_namespace="bench", metrics_port=None,
-                                     max_new_tokens=args.new_tokens))
+                                     max_new_tokens=args.new_tokens),
+                        ray.get(controller.expert_credentials.remote()))
         mode = {"tokens": hot}
         load = _Load(_engine_generate(router.engine),
                      lambda rng: [rng.choice(mode["tokens"]) for _ in range(args.prompt_tokens)],

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -46,6 +47,7 @@ from cluster.rebalance import Rebalancer, RebalanceResult, grpc_call
 from cluster.state import ClusterState, check_url
 from cluster.telemetry import Telemetry
 from experts.config import DEVICES, DTYPES, ExpertGroupConfig
+from experts.credentials import ExpertCredentials, ExpertTLS
 from experts.group import ExpertGroupActor
 from cluster.typed_config import config_from_dict
 
@@ -67,7 +69,7 @@ class GroupNotReadyError(ControllerError):
 class ControllerConfig:
     checkpoint: str  # checkpoint directory, readable from every node a group may run on
     num_groups: int  # expert groups (one GPU each when the cluster has GPUs)
-    redis_url: str  # redis://[:password@]host:port/db or rediss:// for TLS
+    redis_url: str = field(repr=False)  # redis://[:password@]host:port/db or rediss:// for TLS; never in a repr
     redis_namespace: str = "elasticmoe"  # key prefix in Redis (cluster/state.py)
     group_device: str = "auto"  # ExpertGroupConfig.device
     group_dtype: str | None = None  # ExpertGroupConfig.dtype; None = bf16 on cuda, fp32 on cpu
@@ -80,6 +82,12 @@ class ControllerConfig:
     name: str = "elasticmoe-controller"  # the actor name; groups are named f"{name}-group-{i}"
     repair_interval_s: float | None = 2.0  # the control loop restarts stopped groups this often; None = on call only
     autoscaler: AutoscalerConfig | dict = field(default_factory=AutoscalerConfig)  # cluster/autoscaler_config.py
+    # The internal expert API's credentials (experts/credentials.py). The cluster secret: given here (Python
+    # only: serveConfigV2 args are logged), read from the environment variable named by expert_secret_env
+    # in the controller's process, or else generated at start: 32 random bytes, never logged.
+    expert_secret: str | None = field(default=None, repr=False)
+    expert_secret_env: str | None = None
+    expert_tls: dict | None = None  # {ca_file, cert_file, key_file[, server_name]}: mutual TLS on expert ports
 
     def __post_init__(self) -> None:
         if not isinstance(self.checkpoint, str) or not self.checkpoint:
@@ -109,6 +117,16 @@ class ControllerConfig:
         if self.repair_interval_s is not None and (not _is_number(self.repair_interval_s)
                                                    or self.repair_interval_s <= 0):
             raise ValueError(f"repair_interval_s must be None or a positive number, got {self.repair_interval_s!r}")
+        if self.expert_secret is not None:
+            ExpertCredentials(self.expert_secret)  # validates it; the message never holds it
+        if self.expert_secret_env is not None and not (isinstance(self.expert_secret_env, str)
+                                                       and self.expert_secret_env.isidentifier()):
+            raise ValueError(f"expert_secret_env must name an environment variable, got {self.expert_secret_env!r}")
+        if self.expert_tls is not None:
+            if not isinstance(self.expert_tls, dict):
+                raise ValueError(f"expert_tls must be a mapping of ca_file, cert_file, key_file[, server_name], "
+                                 f"got {self.expert_tls!r}")
+            ExpertTLS.from_dict(self.expert_tls)
         if isinstance(self.autoscaler, dict):
             self.autoscaler = AutoscalerConfig.from_dict(self.autoscaler)
         if not isinstance(self.autoscaler, AutoscalerConfig):
@@ -117,6 +135,16 @@ class ControllerConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ControllerConfig":
         return config_from_dict(cls, d)
+
+    def expert_credentials(self, environ=os.environ) -> ExpertCredentials:
+        """The cluster's expert-API credentials: the configured secret, else a fresh random one."""
+        secret = self.expert_secret
+        if secret is None and self.expert_secret_env is not None:
+            secret = environ.get(self.expert_secret_env)
+            if not secret:  # fail closed: a configured source that yields nothing is a mistake
+                raise ValueError(f"expert_secret_env: ${self.expert_secret_env} is unset or empty here")
+        tls = ExpertTLS.from_dict(self.expert_tls) if self.expert_tls else None
+        return ExpertCredentials(secret, tls) if secret else ExpertCredentials.generate(tls)
 
 
 def _request_gpus(num_groups: int) -> None:
@@ -147,13 +175,16 @@ class Controller:
         # bounded by state.SOCKET_TIMEOUT_S; never on a router's hot path.
         self.state = ClusterState(self.config.redis_url, self.config.redis_namespace)
         self.names = [f"{self.config.name}-group-{i}" for i in range(self.config.num_groups)]
+        self._next_name = self.config.num_groups  # the number in the next added group's name
         self._actors: list = []  # ActorHandle per group id, empty until start()
         self._table: PlacementTable | None = None  # what Redis holds, with the addresses we trust
         self._held: list[set[tuple[int, int]]] = []  # per group id: the slots it holds (a superset of its table slots)
         self._lock = asyncio.Lock()  # one control call mutates the table at a time; binds to the actor's loop
         self.telemetry = Telemetry(self.state)
+        self.credentials = self.config.expert_credentials()  # per cluster; groups and routers get it from here
         a = self.config.autoscaler
-        self.rebalancer = Rebalancer(self.state, self.telemetry, a.load_timeout_s, a.drain_timeout_s)
+        self.rebalancer = Rebalancer(self.state, self.telemetry, a.load_timeout_s, a.drain_timeout_s,
+                                     credentials=self.credentials)
         self.metrics = AutoscalerMetrics(a.metrics_per_expert)
         self.spec = None  # read from the checkpoint by start()
         self.autoscaler: Autoscaler | None = None
@@ -198,14 +229,8 @@ class Controller:
         plan = PlacementTable.round_robin(spec, [f"pending:{i}" for i in range(cfg.num_groups)])
         num_gpus = self._num_gpus()
         for i, name in enumerate(self.names):
-            group_config = ExpertGroupConfig(checkpoint=cfg.checkpoint, slots=plan.slots_of(i), device=cfg.group_device,
-                                             dtype=cfg.group_dtype, host=cfg.group_host, name=name,
-                                             cpu_threads=cfg.group_cpu_threads)
-            options = dict(name=name, max_restarts=cfg.max_group_restarts, max_task_retries=0)
-            if num_gpus:
-                options["num_gpus"] = num_gpus
             try:
-                self._actors.append(ExpertGroupActor.options(**options).remote(group_config))
+                self._actors.append(self._create_group(name, plan.slots_of(i), num_gpus))
             except ValueError as e:  # Ray: the name is taken, by a group a previous controller left behind
                 raise ControllerError(f"cannot create group {name}: {e}; kill the old actor or pick another "
                                       "controller name") from e
@@ -228,6 +253,21 @@ class Controller:
         self._held = [set(table.slots_of(i)) for i in range(len(self.names))]
         log.info("controller %s: placement version %d published, groups %s", cfg.name, table.version,
                  dict(zip(self.names, table.groups)))
+
+    def _create_group(self, name: str, slots, num_gpus: float):
+        """A new ExpertGroupActor; it loads `slots` and serves them once start() is called."""
+        cfg = self.config
+        group_config = ExpertGroupConfig(checkpoint=cfg.checkpoint, slots=slots, device=cfg.group_device,
+                                         dtype=cfg.group_dtype, host=cfg.group_host, name=name,
+                                         cpu_threads=cfg.group_cpu_threads, credentials=self.credentials)
+        options = dict(name=name, max_restarts=cfg.max_group_restarts, max_task_retries=0)
+        if num_gpus:
+            options["num_gpus"] = num_gpus
+        return ExpertGroupActor.options(**options).remote(group_config)
+
+    def expert_credentials(self) -> ExpertCredentials:
+        """What routers need to call the groups (a Ray call: it never leaves the cluster)."""
+        return self.credentials
 
     def _num_gpus(self) -> float:
         if self.config.num_gpus_per_group is not None:
@@ -270,7 +310,11 @@ class Controller:
             table = self._started()
             seen = await asyncio.gather(*(self._observe(i) for i in range(len(self._actors))))
             stale = [i for i, address in enumerate(seen) if address != table.groups[i]]
-            return await self._refresh(stale)
+            result = await self._refresh(stale)
+            if self._orphans():  # a lost group's experts not yet re-placed (an earlier try failed)
+                await self._cover_orphans("experts of lost groups")
+                result["version"] = self._table.version
+            return result
 
     async def refresh_group(self, i: int) -> dict:
         """Call start() on group i again (after a Ray restart it serves nothing until then) and
@@ -291,14 +335,18 @@ class Controller:
     async def _refresh(self, ids: list[int]) -> dict:
         table = self._table
         results = await asyncio.gather(*(self._restart(i) for i in ids), return_exceptions=True)
-        moved, pending, failed = {}, [], {}
+        moved, pending, failed, lost = {}, [], {}, []
         for i, result in zip(ids, results):
             if isinstance(result, (GroupNotReadyError, ActorUnavailableError)):
                 pending.append(self.names[i])  # Ray is restarting it: expected right after a crash
                 log.warning("controller %s: group %s (published at %s) is not ready yet, will retry: %s",
                             self.config.name, self.names[i], table.groups[i], result)
-            elif isinstance(result, BaseException):
-                # ActorDiedError: out of restarts (max_group_restarts); or start() itself failed
+            elif isinstance(result, ActorDiedError):  # out of restarts (max_group_restarts): gone for good
+                lost.append(i)
+                failed[self.names[i]] = f"{type(result).__name__}: {result}"
+                log.error("controller %s: group %s (published at %s) is dead and Ray will not restart it; its "
+                          "experts move to the other groups", self.config.name, self.names[i], table.groups[i])
+            elif isinstance(result, BaseException):  # start() itself failed: the next check tries again
                 failed[self.names[i]] = f"{type(result).__name__}: {result}"
                 log.error("controller %s: group %s (published at %s) could not be restarted: %s", self.config.name,
                           self.names[i], table.groups[i], failed[self.names[i]])
@@ -314,8 +362,61 @@ class Controller:
             for i, address in moved.items():
                 log.info("controller %s: group %s moved %s -> %s, placement version %d", self.config.name,
                          self.names[i], table.groups[i], address, new.version)
-        return {"version": self._table.version, "refreshed": [self.names[i] for i in moved], "pending": pending,
-                "failed": failed}
+        refreshed = [self.names[i] for i in moved]
+        if lost:
+            await self._drop_lost_groups(lost)
+        return {"version": self._table.version, "refreshed": refreshed, "pending": pending, "failed": failed}
+
+    async def _drop_lost_groups(self, lost: list[int]) -> None:
+        """Forget groups Ray cannot restart, then place the experts only they held on the
+        groups left (call with self._lock held). Until that rebalance publishes, routers keep
+        the old table: requests for those experts fail fast with UNAVAILABLE."""
+        old = self._table
+        survivors = [i for i in range(len(old.groups)) if i not in lost]
+        gone = [(self.names[i], self._actors[i], old.groups[i]) for i in lost]
+        new_id = {g: k for k, g in enumerate(survivors)}
+        replicas, shares = {}, {}
+        for slot, groups in old.replicas.items():
+            kept = [(new_id[g], share) for g, share in zip(groups, old.shares_of(slot)) if g in new_id]
+            if kept:  # the shares of the replicas left, renormalised
+                total = sum(share for _, share in kept)
+                replicas[slot] = tuple(g for g, _ in kept)
+                shares[slot] = tuple(share / total if total > 0 else 1.0 / len(kept) for _, share in kept)
+        # Not published: it lacks the lost groups' experts. The rebalance below publishes v+1.
+        self._table = PlacementTable(old.version, tuple(old.groups[i] for i in survivors), replicas, shares)
+        self.names = [self.names[i] for i in survivors]
+        self._actors = [self._actors[i] for i in survivors]
+        self._held = [self._held[i] for i in survivors]
+        await self._kill(gone)  # unregister them; Ray has them dead already
+        self.metrics.group_changes.labels("lost").inc(len(gone))
+        if not survivors:
+            log.error("controller %s: every expert group is lost; nothing serves until the controller is restarted",
+                      self.config.name)
+            return
+        await self._cover_orphans(f"group(s) {', '.join(name for name, _, _ in gone)} lost")
+
+    def _orphans(self) -> list[tuple[int, int]]:
+        """(layer, expert) pairs the controller's table gives no replica (their groups were lost)."""
+        table = self._table
+        if table is None or not table.groups:
+            return []
+        return [(l, e) for l in self.spec.sparse_layers for e in range(self.spec.num_experts)
+                if not table.replicas.get((l, e))]
+
+    async def _cover_orphans(self, reason: str) -> None:
+        """A rebalance that gives every orphaned expert a replica on the groups left (call with
+        self._lock held). The planner places them where they move the fewest weights."""
+        orphans = self._orphans()
+        if not orphans:
+            return
+        G = len(self._table.groups)
+        current = self._table.to_placement(self.spec, self.autoscaler.slots_per_group(G))
+        loads = self._last_obs.loads if self._last_obs is not None else self._no_load()
+        placement = await asyncio.to_thread(self.autoscaler.plan, loads, current, G)
+        result = await self._rebalance(placement, f"re-place {len(orphans)} expert(s): {reason}")
+        if result.result == "failed":
+            log.error("controller %s: re-placing %d expert(s) failed (%s); next try at the next group check",
+                      self.config.name, len(orphans), result.error)
 
     async def _restart(self, i: int) -> str:
         """start() on group i and the address it returns, once that address answers over gRPC."""
@@ -336,7 +437,7 @@ class Controller:
     async def _serves(self, address: str) -> bool:
         """Whether a group answers Stats at address within health_timeout_s."""
         try:
-            await grpc_call(address, "Stats", expert_pb2.StatsRequest(), self.config.health_timeout_s)
+            await grpc_call(address, "Stats", expert_pb2.StatsRequest(), self.config.health_timeout_s, self.credentials)
             return True
         except grpc.aio.AioRpcError:
             return False
@@ -372,7 +473,7 @@ class Controller:
         table = self._started()
         names, addresses = list(self.names), list(table.groups)
         replies = await asyncio.gather(*(grpc_call(a, "Stats", expert_pb2.StatsRequest(),
-                                                   self.config.health_timeout_s) for a in addresses),
+                                                   self.config.health_timeout_s, self.credentials) for a in addresses),
                                        return_exceptions=True)
         now = time.time()
         for name, reply in zip(names, replies):
@@ -486,19 +587,14 @@ class Controller:
         """Scale up: start one more group (outside the lock: waiting for a GPU node may take
         minutes), then rebalance onto it."""
         cfg = self.config
-        i = len(self.names)
-        name = f"{cfg.name}-group-{i}"
+        i = len(self.names)  # its group id once added
+        name = f"{cfg.name}-group-{self._next_name}"  # never a name in use: lost groups leave gaps in the ids
+        self._next_name += 1
         num_gpus = self._num_gpus()
         try:
             if num_gpus:
                 _request_gpus(len(self.names) + 1)  # lets the Ray/KubeRay autoscaler add a node ahead of time
-            group_config = ExpertGroupConfig(checkpoint=cfg.checkpoint, slots=[], device=cfg.group_device,
-                                             dtype=cfg.group_dtype, host=cfg.group_host, name=name,
-                                             cpu_threads=cfg.group_cpu_threads)
-            options = dict(name=name, max_restarts=cfg.max_group_restarts, max_task_retries=0)
-            if num_gpus:
-                options["num_gpus"] = num_gpus
-            actor = ExpertGroupActor.options(**options).remote(group_config)
+            actor = self._create_group(name, [], num_gpus)
             log.info("controller %s: adding group %s (%s)", cfg.name, name, reason)
             address = await asyncio.wait_for(actor.start.remote(), cfg.group_start_timeout_s)
         except Exception as e:
@@ -627,6 +723,7 @@ class Controller:
         await self._kill(groups)
         self._actors, self._held, self._retiring = [], [], []
         self.names = [f"{self.config.name}-group-{i}" for i in range(self.config.num_groups)]
+        self._next_name = self.config.num_groups
 
     async def _kill(self, groups: list[tuple[str, object, str | None]]) -> None:
         for name, actor, _ in groups:

@@ -11,6 +11,7 @@ process (tests, `moectl serve`) never collide.
 | `elasticmoe_expert_routed_pairs_total` | counter | layer, expert | router, per_expert only |
 | `elasticmoe_forward_seconds` | histogram | group | router: one Forward RPC, by group id |
 | `elasticmoe_forward_failures_total` | counter | group | router: Forward RPCs that failed |
+| `elasticmoe_forward_slow_total` | counter | group | router: Forward RPCs given up after `forward_slow_s`, their pairs moved to another replica |
 | `elasticmoe_router_placement_version` | gauge | | router: the placement in use |
 | `elasticmoe_telemetry_dropped_total` | counter | | router: load batches lost while Redis was down |
 | `elasticmoe_expert_load` | gauge | layer, expert | autoscaler, per_expert only: pairs/s over the window |
@@ -64,6 +65,8 @@ class RouterMetrics:
                                          ["group"], buckets=_SECONDS, registry=r)
         self.forward_failures = Counter("elasticmoe_forward_failures", "Forward RPCs that failed", ["group"],
                                         registry=r)
+        self.forward_slow = Counter("elasticmoe_forward_slow", "Forward RPCs given up after forward_slow_s, their "
+                                    "pairs moved to another replica", ["group"], registry=r)
         self.placement_version = Gauge("elasticmoe_router_placement_version", "placement version in use",
                                        registry=r)
         self.telemetry_dropped = Counter("elasticmoe_telemetry_dropped", "load batches lost while Redis was down",
@@ -78,10 +81,13 @@ class RouterMetrics:
         for layer, n in by_layer.items():
             self.routed.labels(str(layer)).inc(n)
 
-    def on_forward(self, group: int, seconds: float, ok: bool) -> None:
+    def on_forward(self, group: int, seconds: float, outcome: str) -> None:
+        """outcome: "ok", "failed", or "slow" (given up after forward_slow_s and moved)."""
         self.forward_seconds.labels(str(group)).observe(seconds)
-        if not ok:
+        if outcome == "failed":
             self.forward_failures.labels(str(group)).inc()
+        elif outcome == "slow":
+            self.forward_slow.labels(str(group)).inc()
 
 
 class AutoscalerMetrics:

@@ -29,6 +29,7 @@ from elasticmoe.v1 import expert_pb2, expert_pb2_grpc
 from cluster.placement_table import PlacementTable
 from cluster.state import ClusterState
 from cluster.telemetry import ROUTER_TTL_S, Telemetry
+from experts.credentials import ExpertCredentials, call_metadata, channel
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,12 @@ class RebalanceResult:
         return dict(self.__dict__)
 
 
-async def grpc_call(address: str, method: str, request, timeout_s: float):
+async def grpc_call(address: str, method: str, request, timeout_s: float,
+                    credentials: ExpertCredentials | None = None):
     """One ExpertService call on a short-lived channel (control plane: rare, never hot)."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        return await getattr(expert_pb2_grpc.ExpertServiceStub(channel), method)(request, timeout=timeout_s)
+    async with channel(address, credentials) as ch:
+        return await getattr(expert_pb2_grpc.ExpertServiceStub(ch), method)(request, timeout=timeout_s,
+                                                                              metadata=call_metadata(credentials))
 
 
 def _slots(slots) -> list[expert_pb2.Slot]:
@@ -67,19 +70,19 @@ def _slots(slots) -> list[expert_pb2.Slot]:
 
 class Rebalancer:
     def __init__(self, state: ClusterState, telemetry: Telemetry, load_timeout_s: float, drain_timeout_s: float,
-                 router_poll_s: float = 0.1):
-        self.state, self.telemetry = state, telemetry
+                 router_poll_s: float = 0.1, credentials: ExpertCredentials | None = None):
+        self.state, self.telemetry, self.credentials = state, telemetry, credentials
         self.load_timeout_s, self.drain_timeout_s, self.router_poll_s = load_timeout_s, drain_timeout_s, router_poll_s
 
     async def load(self, address: str, slots) -> set[Slot]:
         """LoadExperts(slots) on one group: every slot it holds after."""
         reply = await grpc_call(address, "LoadExperts", expert_pb2.LoadExpertsRequest(slots=_slots(slots)),
-                                self.load_timeout_s)
+                                self.load_timeout_s, self.credentials)
         return {(s.layer, s.expert) for s in reply.slots}
 
     async def unload(self, address: str, slots) -> set[Slot]:
         reply = await grpc_call(address, "UnloadExperts", expert_pb2.UnloadExpertsRequest(slots=_slots(slots)),
-                                self.load_timeout_s)
+                                self.load_timeout_s, self.credentials)
         return {(s.layer, s.expert) for s in reply.slots}
 
     async def apply(self, old: PlacementTable, new: PlacementTable, held: list[set[Slot]], reason: str,

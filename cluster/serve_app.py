@@ -187,8 +187,9 @@ def app_builder(args: dict):
     placement = ray.get(controller.placement.remote(), timeout=60)
     log.info("elasticmoe app: controller %s serving placement v%d on %d group(s)", config.name, summary["version"],
              len(summary["groups"]))
+    credentials = ray.get(controller.expert_credentials.remote(), timeout=60)
     router = parsed.router_config(placement, redis_url, namespace)
-    return build_app(dataclasses.asdict(router))
+    return build_app(dataclasses.asdict(router), credentials)
 
 
 # Only for validating router keys before a placement exists: from_json parses it, nothing reads it.

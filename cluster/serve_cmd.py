@@ -120,8 +120,9 @@ def run(args) -> int:
         placement = ray.get(controller.placement.remote())
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()},  # HTTP unused: clients speak gRPC
                     grpc_options={"port": args.port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS})
+        credentials = ray.get(controller.expert_credentials.remote())
         serve.run(build_app({**router_settings, "checkpoint": str(args.checkpoint), "placement": placement,
-                              "redis_url": redis_url}),
+                              "redis_url": redis_url}, credentials),
                   name="moe")
         _write_serve_file(redis_url, args.port)
         auth_line = (f"bearer token required ({len(auth)} token(s), fingerprint {auth.fingerprint}), health checks "

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cluster.typed_config import config_from_dict
+from experts.credentials import CredentialsError, ExpertCredentials
 from experts.kernel import BACKENDS
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -30,6 +31,9 @@ class ExpertGroupConfig:
     port: int = 0  # 0 = a free port, chosen on every start
     name: str = "group"  # shows in logs and error messages
     cpu_threads: int | None = None  # torch threads for expert math on CPU; None = torch's default (all cores)
+    # The cluster secret every caller must present, and optional mutual TLS (experts/credentials.py).
+    # None: the port is open to anyone who reaches it (tests, one machine); the controller always sets it.
+    credentials: ExpertCredentials | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.checkpoint, str) or not self.checkpoint:
@@ -53,6 +57,10 @@ class ExpertGroupConfig:
         if self.cpu_threads is not None and (not isinstance(self.cpu_threads, int) or isinstance(self.cpu_threads, bool)
                                              or self.cpu_threads < 1):
             raise ValueError(f"cpu_threads must be None (torch's default) or an int >= 1, got {self.cpu_threads!r}")
+        if isinstance(self.credentials, dict):
+            self.credentials = ExpertCredentials(**self.credentials)
+        if self.credentials is not None and not isinstance(self.credentials, ExpertCredentials):
+            raise CredentialsError("credentials must be None or ExpertCredentials")
 
     @staticmethod
     def _slot(slot) -> tuple[int, int]:

@@ -35,6 +35,7 @@ import torch
 from elasticmoe.v1 import expert_pb2_grpc
 
 from experts.config import ExpertGroupConfig
+from experts.credentials import SecretCheck, add_port
 from experts.servicer import ExpertServicer
 from experts.wire import GRPC_OPTIONS
 
@@ -50,18 +51,23 @@ async def serve_group(config: ExpertGroupConfig, servicer: ExpertServicer | None
     without Ray, by tests. The caller stops the server."""
     if servicer is None:
         servicer = await ExpertServicer.create(config)
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    creds = config.credentials
+    if creds is None:
+        log.warning("group %s: no cluster secret configured: its expert API is open to anyone who reaches %s",
+                    config.name, config.host)
+    servicer.secret_check = SecretCheck(creds.secret) if creds else None
+    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[servicer.secret_check] if creds else None)
     expert_pb2_grpc.add_ExpertServiceServicer_to_server(servicer, server)
     try:
-        port = server.add_insecure_port(f"{config.host}:{config.port}")
+        port = add_port(server, f"{config.host}:{config.port}", creds)
     except RuntimeError as e:  # grpcio raises when it cannot bind
         raise OSError(f"group {config.name}: cannot listen on {config.host}:{config.port} ({e})") from e
     if port == 0:  # older grpcio returns 0 instead of raising
         raise OSError(f"group {config.name}: cannot listen on {config.host}:{config.port}")
     await server.start()
     address = f"{config.host}:{port}"
-    log.info("group %s serving %d slot(s) on %s (%s, %s)", config.name, len(servicer.slots), address,
-             servicer.device, servicer.dtype)
+    log.info("group %s serving %d slot(s) on %s (%s, %s; %s)", config.name, len(servicer.slots), address,
+             servicer.device, servicer.dtype, creds if creds else "no credentials")
     return server, address
 
 
@@ -107,6 +113,18 @@ class ExpertGroup:
     async def pid(self) -> int:
         """This process's id: what an operator (or a fault test) would `kill -9`."""
         return os.getpid()
+
+    async def inject_fault(self, forward_delay_s: float = 0.0, load_delay_s: float = 0.0) -> None:
+        """Fault injection for drills and tests: every Forward (LoadExperts that loads something) first
+        waits this long. 0 clears it. Gone after a restart: Ray runs __init__ again."""
+        for name, value in (("forward_delay_s", forward_delay_s), ("load_delay_s", load_delay_s)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 600:
+                raise ValueError(f"{name} must be a number of seconds in [0, 600], got {value!r}")
+        if self._servicer is None:
+            raise RuntimeError(f"group {self.config.name} is not started: call start() first")
+        self._servicer.forward_delay_s, self._servicer.load_delay_s = float(forward_delay_s), float(load_delay_s)
+        log.warning("group %s: fault injected: Forward +%.3f s, LoadExperts +%.3f s", self.config.name,
+                    forward_delay_s, load_delay_s)
 
     async def address(self) -> str | None:
         """The address published by the last start(), or None while not serving."""

@@ -32,6 +32,7 @@ from elasticmoe.v1 import expert_pb2, expert_pb2_grpc
 
 from cluster.checkpoint import Checkpoint, CheckpointError
 from experts.config import ExpertGroupConfig
+from experts.credentials import SecretCheck
 from experts.kernel import moe_forward
 from experts.weights import ExpertWeights
 from experts.wire import NAME_OF, WireError, decode, encode
@@ -103,6 +104,10 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         # thread at a lower CPU priority, so on a shared CPU serving wins (DESIGN: a rebalance
         # must not stall serving). One thread: loads run one at a time anyway (_swap_lock).
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="expert-load", initializer=_lower_priority)
+        self.secret_check: SecretCheck | None = None  # set by serve_group when the port needs the cluster secret
+        # Fault injection for drills and tests (ExpertGroup.inject_fault): added latency, never a wrong answer.
+        self.forward_delay_s = 0.0
+        self.load_delay_s = 0.0
 
     @classmethod
     async def create(cls, config: ExpertGroupConfig) -> "ExpertServicer":
@@ -128,6 +133,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             new = sorted({(int(layer), int(expert)) for layer, expert in slots} - have)
             if new:
                 start, before = time.monotonic(), held_bytes(held)
+                if self.load_delay_s:
+                    await asyncio.sleep(self.load_delay_s)
                 self._held = await self._off_loop(self._with_loaded, held, new)  # reads files: off the loop
                 log.info("group %s loaded %d slot(s) %s: +%.2f MiB, now %d slots, %.2f MiB, in %.3f s",
                          self.config.name, len(new), new, (self.loaded_bytes - before) / 2**20,
@@ -210,6 +217,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
                                 f"group {self.config.name} does not hold (layer, expert) {pairs}; "
                                 f"placement_version {request.placement_version} is stale")
 
+        if self.forward_delay_s:
+            await asyncio.sleep(self.forward_delay_s)
         output, counts, busy_s = await asyncio.to_thread(self._compute, layer, hidden, slot_ids, weights)
         if layer is not None:
             for expert, n in zip(layer.experts, counts):
@@ -273,4 +282,5 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             slots=[expert_pb2.SlotStats(slot=expert_pb2.Slot(layer=layer, expert=expert),
                                         tokens=self._tokens[(layer, expert)]) for layer, expert in slots],
             busy_s=self._busy_s, queue_depth=self._in_flight, forward_calls=self._forward_calls,
-            device=str(self.device), loaded_bytes=self.loaded_bytes)
+            device=str(self.device), loaded_bytes=self.loaded_bytes,
+            refused_calls=self.secret_check.refused if self.secret_check else 0)

@@ -12,7 +12,7 @@ against ~4 ms through Serve, DESIGN.md).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from elasticmoe.v1 import serving_pb2
 from grpc_health.v1 import health_pb2
@@ -33,6 +33,7 @@ from router_service.scheduler import SchedulerConfig
 from router_service.telemetry_reporter import TelemetryReporter
 from router_service.tokenizer import Tokenizer
 from cluster.typed_config import config_from_dict
+from experts.credentials import ExpertCredentials
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,12 @@ class RouterConfig:
     prefill_chunk: int = 256
     max_queue: int = 256
     max_new_tokens: int = 4096
-    forward_timeout_s: float = 30.0
-    redis_url: str | None = None  # follow placement changes published there (None: the deploy-time table only)
+    forward_timeout_s: float = 30.0  # a MoE layer's deadline, retries on other replicas included
+    # A group that has not answered a Forward after this long loses the call to another replica of its
+    # experts, where every one has another (and is avoided for 2 s); without one the router waits.
+    forward_slow_s: float = 2.0
+    # follow placement changes published there (None: the deploy-time table only); may hold a password: no repr
+    redis_url: str | None = field(default=None, repr=False)
     redis_namespace: str = "elasticmoe"
     placement_poll_s: float = 0.5
     telemetry_flush_s: float = 0.1  # routed load goes to Redis at most this often (with redis_url)
@@ -78,7 +83,7 @@ class RouterConfig:
                                                     and self.api_tokens_env.isidentifier()):
             raise ValueError(f"api_tokens_env must name an environment variable, got {self.api_tokens_env!r}")
         PlacementTable.from_json(self.placement)
-        for name in ("forward_timeout_s", "placement_poll_s", "telemetry_flush_s"):
+        for name in ("forward_timeout_s", "forward_slow_s", "placement_poll_s", "telemetry_flush_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
@@ -96,13 +101,16 @@ class RouterConfig:
 class Router:
     """Everything a router replica holds; built without Serve so tests can use it directly."""
 
-    def __init__(self, config: RouterConfig):
+    def __init__(self, config: RouterConfig, credentials: ExpertCredentials | None = None):
+        """credentials: the cluster's expert-API credentials, from the controller (expert_credentials());
+        None for groups started without any (tests, bench)."""
         checkpoint = Checkpoint(config.checkpoint)
         spec = checkpoint.spec
         dense = DenseModel(spec, checkpoint.load_dense(parse_dtype(config.dtype)))  # no expert weights here
         self.metrics = RouterMetrics(config.metrics_per_expert)
         self.experts = RemoteExperts(spec, PlacementTable.from_json(config.placement), config.forward_timeout_s,
-                                     on_forward=self.metrics.on_forward)
+                                     on_forward=self.metrics.on_forward, credentials=credentials,
+                                     slow_s=config.forward_slow_s)
         self.engine = Engine(dense, self.experts, config.engine_config())
         self.metrics_server, self.metrics_address = None, None
         if config.metrics_port is not None:
@@ -112,6 +120,7 @@ class Router:
         if config.redis_url:
             self.state = state = ClusterState(config.redis_url, config.redis_namespace)
             self.follower = PlacementFollower(self.experts, state, config.placement_poll_s)
+            self.experts.on_stale = self.follower.refresh_soon
             self.reporter = TelemetryReporter(self.experts, Telemetry(state), config.telemetry_flush_s,
                                               metrics_address=self.metrics_address, on_flush=self._on_flush,
                                               on_drop=self.metrics.telemetry_dropped.inc)
@@ -126,7 +135,7 @@ class Router:
         serving: every expert has at least one replica on a group that answered.
         load: (token, expert) pairs each expert has served, summed over its replicas.
         """
-        table = self.experts.table
+        table = self.experts.latest_table
         stats = self.experts.group_stats()
         live = _live_groups(table, stats)
         load: dict[tuple[int, int], int] = {}
@@ -170,7 +179,7 @@ class Router:
 
     def serving(self) -> bool:
         """Every expert has a replica on a group that answers Stats (the health check)."""
-        table = self.experts.table
+        table = self.experts.latest_table
         return _every_expert_live(table, _live_groups(table, self.experts.group_stats()))
 
     def _on_flush(self, counts) -> None:
@@ -198,7 +207,7 @@ def _every_expert_live(table: PlacementTable, live: set[int]) -> bool:
 
 @serve.deployment(name="router", max_ongoing_requests=512)
 class RouterDeployment:
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, credentials: ExpertCredentials | None = None):
         router_config = RouterConfig.from_dict(config)
         # Before the model loads: a bad token source fails the replica in seconds, with its reason.
         self.auth = TokenAuth.from_sources(router_config.api_token_sha256, router_config.api_tokens_file,
@@ -208,7 +217,7 @@ class RouterDeployment:
         else:
             log.info("client API authentication on: %d token(s), fingerprint %s", len(self.auth),
                      self.auth.fingerprint)
-        self.router = Router(router_config)
+        self.router = Router(router_config, credentials)
 
     def _authenticate(self, grpc_context) -> None:
         """Raise AuthError unless the call carries a valid token. Serve hands the deployment a
@@ -254,6 +263,7 @@ class RouterDeployment:
             status=health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
-def build_app(config: dict):
-    """The Serve application: `serve.run(build_app(config))`, or an import path in serveConfigV2."""
-    return RouterDeployment.bind(config)
+def build_app(config: dict, credentials: ExpertCredentials | None = None):
+    """The Serve application: `serve.run(build_app(config, credentials))`. credentials (the controller's
+    expert_credentials()) travel as a deployment argument inside Ray, never in config or logs."""
+    return RouterDeployment.bind(config, credentials)

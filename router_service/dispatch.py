@@ -8,10 +8,13 @@ T = tokens in the step, k = experts per token, H = hidden, E = experts per layer
       Forward(hidden[rows], ids[rows] with other groups' pairs set to -1, weights[rows])
   combine: out[rows] += partial_g                     -> [T, H]
 
-A group whose Forward fails (dead, too slow, or missing an expert after a placement
-change) is retried on another replica of each of its experts within the same deadline,
-and avoided for DOWN_S seconds; an expert with no live replica fails the layer with
-UNAVAILABLE naming the (layer, expert) pairs.
+A group whose Forward fails (dead, or missing an expert after a placement change) is
+retried on another replica of each of its experts within the same deadline, and avoided
+for DOWN_S seconds; an expert with no live replica fails the layer with UNAVAILABLE
+naming the (layer, expert) pairs. A group that has not answered after slow_s
+(RouterConfig.forward_slow_s) is treated the same way when every pair it was sent has a
+replica elsewhere: its call is cancelled and the pairs move. Without another replica the
+router waits for it, up to the deadline: slow beats failed.
 
 An expert with several replicas splits its tokens by the table's shares: token t draws
 u = frac((t + 0.5) * golden ratio), a low-discrepancy sequence, and goes to the first
@@ -37,11 +40,15 @@ from elasticmoe.v1 import expert_pb2, expert_pb2_grpc
 
 from cluster.model_spec import ModelSpec
 from cluster.placement_table import PlacementTable
+from experts.credentials import ExpertCredentials, call_metadata, channel
 from experts.wire import GRPC_OPTIONS, decode, encode
 
 
 _GOLDEN = (5 ** 0.5 - 1) / 2
 DOWN_S = 2.0  # after a failed Forward, a group gets no traffic for this long when another replica exists
+# Failures another replica would repeat (a bad request, the router lacking the cluster secret): fail the layer
+# at once instead of marking groups down one after another.
+PERMANENT = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
 def _pad(values, width: int, fill) -> list:
@@ -66,10 +73,14 @@ class _Routes:
 
 
 class RemoteExperts:
-    def __init__(self, spec: ModelSpec, table: PlacementTable, timeout_s: float = 30.0, on_forward=None):
+    def __init__(self, spec: ModelSpec, table: PlacementTable, timeout_s: float = 30.0, on_forward=None,
+                 credentials: ExpertCredentials | None = None, slow_s: float = 2.0, on_stale=None):
         table.validate(spec)
-        self.spec, self.timeout_s = spec, timeout_s
-        self.on_forward = on_forward  # (group id, seconds, ok) after every Forward RPC: metrics
+        self.spec, self.timeout_s, self.slow_s = spec, timeout_s, slow_s
+        self._metadata = call_metadata(credentials)  # the cluster secret, on every call
+        self._credentials = credentials
+        self.on_forward = on_forward  # (group id, seconds, "ok" | "failed" | "slow") after every Forward: metrics
+        self.on_stale = on_stale  # a group says our placement is stale (FAILED_PRECONDITION): refresh it
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="expert-dispatch", daemon=True)
         self._thread.start()
@@ -107,6 +118,12 @@ class RemoteExperts:
         return self._routes.table
 
     @property
+    def latest_table(self) -> PlacementTable:
+        """The newest placement handed over: what the next step uses. Health and Status go by it,
+        so an idle router reports the placement it will serve by, not the one it last used."""
+        return self._pending.table
+
+    @property
     def pending_version(self) -> int:
         """The newest placement handed over (in use, or waiting for the next step)."""
         return self._pending.table.version
@@ -128,7 +145,7 @@ class RemoteExperts:
     async def _connect(self, addresses) -> None:
         for address in addresses:
             if address not in self._channels:
-                self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+                self._channels[address] = channel(address, self._credentials, GRPC_OPTIONS)
                 self._stubs[address] = expert_pb2_grpc.ExpertServiceStub(self._channels[address])
 
     def _run(self, coro):
@@ -163,7 +180,7 @@ class RemoteExperts:
         deadline = loop.time() + self.timeout_s
         failed: dict[int, DispatchError] = {}  # groups that failed this layer, and how
         while True:
-            calls, parts = [], []
+            parts = {}  # task -> (group, rows, mine)
             for g in torch.unique(pending[pending >= 0]).tolist():
                 mine = pending == g  # [T, k]
                 rows = mine.any(dim=1).nonzero().squeeze(1)  # tokens with at least one pair on g
@@ -171,20 +188,43 @@ class RemoteExperts:
                 request = expert_pb2.ForwardRequest(layer=layer, hidden=encode(x[rows]), expert_ids=encode(sub_ids),
                                                     weights=encode(weights[rows].to(torch.float32)),
                                                     placement_version=routes.table.version)
-                calls.append(self._call(g, routes.table.groups[g], request, max(0.001, deadline - loop.time())))
-                parts.append((g, rows, mine))
-            results = await asyncio.gather(*calls, return_exceptions=True)
+                call = self._call(g, routes.table.groups[g], request, max(0.001, deadline - loop.time()))
+                parts[asyncio.ensure_future(call)] = (g, rows, mine)
             retry = torch.full_like(pending, -1)
-            for (g, rows, mine), result in zip(parts, results):
-                if isinstance(result, DispatchError) and result.code != grpc.StatusCode.INVALID_ARGUMENT:
-                    # the group is gone, slow or out of date: its pairs go to another replica
-                    failed[g] = result
+            done, waiting = await asyncio.wait(parts, timeout=max(0.0, min(self.slow_s, deadline - loop.time())))
+            if waiting:
+                # Slower than slow_s: where every pair of the part has a replica elsewhere, give up on
+                # the group and move them; else keep waiting (the call's own timeout is the deadline).
+                keep = set()
+                for task in waiting:
+                    g, rows, mine = parts[task]
+                    slow = DispatchError(routes.table.groups[g], grpc.StatusCode.DEADLINE_EXCEEDED,
+                                         f"no answer within forward_slow_s={self.slow_s} s")
+                    moved = self._alternative(routes, layer, ids, mine, {**failed, g: slow}, strict=False)
+                    if moved is None:
+                        keep.add(task)
+                        continue
+                    task.cancel()
+                    failed[g] = slow
                     self._mark_down(routes.table.groups[g])
+                    self._observe(g, self.slow_s, "slow")
+                    retry[mine] = moved[mine]
+                if keep:
+                    done |= (await asyncio.wait(keep))[0]
+            for task in done:
+                g, rows, mine = parts[task]
+                error = task.exception()
+                if isinstance(error, DispatchError) and error.code not in PERMANENT:
+                    # the group is gone, slow or out of date: its pairs go to another replica
+                    failed[g] = error
+                    self._mark_down(routes.table.groups[g])
+                    if error.code == grpc.StatusCode.FAILED_PRECONDITION and self.on_stale is not None:
+                        self.on_stale()  # our placement is older than the group's slots: fetch the new one
                     retry[mine] = self._alternative(routes, layer, ids, mine, failed)[mine]
-                elif isinstance(result, BaseException):
-                    raise result
+                elif error is not None:
+                    raise error
                 else:
-                    out.index_add_(0, rows, result.to(x.dtype))
+                    out.index_add_(0, rows, task.result().to(x.dtype))
             if (retry < 0).all():
                 return out
             if loop.time() >= deadline:
@@ -192,9 +232,10 @@ class RemoteExperts:
                                     f"layer {layer}: no replica answered within {self.timeout_s} s")
             pending = retry
 
-    def _alternative(self, routes: _Routes, layer: int, ids, mine, failed: dict) -> torch.Tensor:
-        """For the pairs in `mine`, the first replica on a group not in `failed`; raises
-        UNAVAILABLE naming the (layer, expert) pairs that have none left."""
+    def _alternative(self, routes: _Routes, layer: int, ids, mine, failed: dict, strict: bool = True):
+        """For the pairs in `mine`, the first replica on a group not in `failed` [T, k]. When some
+        pair has none left: with strict, raise UNAVAILABLE naming those (layer, expert) pairs;
+        else return None."""
         candidates = routes.replica_groups[layer][ids]  # [T, k, R]
         bad = torch.zeros(candidates.shape, dtype=torch.bool)
         for g in failed:
@@ -204,6 +245,8 @@ class RemoteExperts:
         choice = candidates.gather(-1, first[..., None]).squeeze(-1)
         stranded = mine & ~ok.any(dim=-1)
         if stranded.any():
+            if not strict:
+                return None
             experts = sorted(set(ids[stranded].tolist()))
             why = "; ".join(f"{e.address}: {e.code.name}: {e.details}" for e in failed.values())
             raise DispatchError(", ".join(sorted({e.address for e in failed.values()})), grpc.StatusCode.UNAVAILABLE,
@@ -237,24 +280,25 @@ class RemoteExperts:
     async def _call(self, group: int, address: str, request, timeout_s: float) -> torch.Tensor:
         start = time.perf_counter()
         try:
-            response = await self._stubs[address].Forward(request, timeout=timeout_s)
+            response = await self._stubs[address].Forward(request, timeout=timeout_s, metadata=self._metadata)
         except grpc.aio.AioRpcError as e:
-            self._observe(group, start, ok=False)
+            self._observe(group, time.perf_counter() - start, "failed")
             raise DispatchError(address, e.code(), e.details()) from None
-        self._observe(group, start, ok=True)
+        self._observe(group, time.perf_counter() - start, "ok")
         return decode(response.output, "output")
 
-    def _observe(self, group: int, start: float, ok: bool) -> None:
+    def _observe(self, group: int, seconds: float, outcome: str) -> None:
         if self.on_forward is not None:
-            self.on_forward(group, time.perf_counter() - start, ok)
+            self.on_forward(group, seconds, outcome)
 
     def group_stats(self, timeout_s: float = 1.0) -> dict[str, expert_pb2.StatsResponse | None]:
-        """Stats of every group in the current placement; None for a group that did not answer in time."""
-        addresses = list(self.table.groups)
+        """Stats of every group in the latest placement; None for a group that did not answer in time."""
+        addresses = list(self.latest_table.groups)
 
         async def ask(address):
             try:
-                return await self._stubs[address].Stats(expert_pb2.StatsRequest(), timeout=timeout_s)
+                return await self._stubs[address].Stats(expert_pb2.StatsRequest(), timeout=timeout_s,
+                                                        metadata=self._metadata)
             except grpc.aio.AioRpcError:
                 return None
 

@@ -44,18 +44,20 @@ def reference(tiny_checkpoint):
 class Cluster:
     """Controller + groups on Ray, Redis, and one router in this process."""
 
-    def __init__(self, checkpoint, redis_url: str, num_groups: int, autoscaler: dict):
+    def __init__(self, checkpoint, redis_url: str, num_groups: int, autoscaler: dict, controller: dict | None = None,
+                 router: dict | None = None):
         self.name = f"test-autoscaler-{uuid.uuid4().hex[:8]}"
         self.namespace = self.name
         config = ControllerConfig(checkpoint=str(checkpoint), num_groups=num_groups, redis_url=redis_url,
                                   redis_namespace=self.namespace, group_device="cpu", name=self.name,
-                                  autoscaler=autoscaler)
+                                  autoscaler=autoscaler, **(controller or {}))
         self.controller = ControllerActor.options(name=self.name).remote(config)
         ray.get(self.controller.start.remote(), timeout=120)
         self.state = ClusterState(redis_url, self.namespace)
         self.router = Router(RouterConfig(checkpoint=str(checkpoint), placement=self.state.load_placement().to_json(),
                                           redis_url=redis_url, redis_namespace=self.namespace, placement_poll_s=0.1,
-                                          metrics_port=0, metrics_host="127.0.0.1"))
+                                          metrics_port=0, metrics_host="127.0.0.1", **(router or {})),
+                             ray.get(self.controller.expert_credentials.remote(), timeout=30))
         self.spec = Checkpoint(checkpoint).spec
 
     def replica_counts(self) -> dict[tuple[int, int], int]:

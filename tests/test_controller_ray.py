@@ -12,12 +12,15 @@ import uuid
 import grpc
 import pytest
 import ray
+import torch
 from elasticmoe.v1 import expert_pb2, expert_pb2_grpc
 
 from cluster.checkpoint import Checkpoint
 from cluster.controller import ControllerActor, ControllerConfig, ControllerError
 from cluster.redis_server import EmbeddedRedis
 from cluster.state import ClusterState
+from experts.credentials import ExpertCredentials, call_metadata
+from experts.wire import encode
 
 RESTART_TIMEOUT_S = 40
 
@@ -35,11 +38,24 @@ def redis_server():
         yield server
 
 
-def held_slots(address: str) -> list[tuple[int, int]]:
-    """The (layer, expert) slots the group at address serves, asked over gRPC."""
+def stats(address: str, credentials, timeout_s: float = 10) -> expert_pb2.StatsResponse:
     with grpc.insecure_channel(address) as channel:
-        reply = expert_pb2_grpc.ExpertServiceStub(channel).Stats(expert_pb2.StatsRequest(), timeout=10)
-    return sorted((s.slot.layer, s.slot.expert) for s in reply.slots)
+        return expert_pb2_grpc.ExpertServiceStub(channel).Stats(expert_pb2.StatsRequest(), timeout=timeout_s,
+                                                                metadata=call_metadata(credentials))
+
+
+def forward_one_token(address: str, credentials, spec) -> expert_pb2.ForwardResponse:
+    request = expert_pb2.ForwardRequest(layer=spec.sparse_layers[0], hidden=encode(torch.zeros(1, spec.hidden_size)),
+                                        expert_ids=encode(torch.tensor([[0]], dtype=torch.int32)),
+                                        weights=encode(torch.ones(1, 1)))
+    with grpc.insecure_channel(address) as channel:
+        return expert_pb2_grpc.ExpertServiceStub(channel).Forward(request, timeout=10,
+                                                                  metadata=call_metadata(credentials))
+
+
+def held_slots(address: str, credentials) -> list[tuple[int, int]]:
+    """The (layer, expert) slots the group at address serves, asked over gRPC."""
+    return sorted((s.slot.layer, s.slot.expert) for s in stats(address, credentials).slots)
 
 
 def test_controller_starts_repairs_and_shuts_down_groups(local_ray, redis_server, tiny_checkpoint):
@@ -61,11 +77,25 @@ def test_controller_starts_repairs_and_shuts_down_groups(local_ray, redis_server
         assert list(table.groups) == [g["address"] for g in summary["groups"]]
         assert ray.get(controller.placement.remote()) == table.to_json()
         table.validate(spec)  # every (layer, expert) has a replica on an existing group
+        credentials = ray.get(controller.expert_credentials.remote(), timeout=30)
         served = {}
         for g, address in enumerate(table.groups):
-            assert held_slots(address) == table.slots_of(g)
-            served.update({slot: g for slot in held_slots(address)})
+            assert held_slots(address, credentials) == table.slots_of(g)
+            served.update({slot: g for slot in held_slots(address, credentials)})
         assert set(served) == {(l, e) for l in spec.sparse_layers for e in range(spec.num_experts)}
+
+        # a caller without the cluster secret, or with a wrong one, is refused and nothing is computed
+        impostor = ExpertCredentials("a-guess-at-the-cluster-secret")
+        for creds in (None, impostor):
+            with pytest.raises(grpc.RpcError) as err:
+                forward_one_token(table.groups[0], creds, spec)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, err.value
+            assert credentials.secret not in err.value.details()
+        with pytest.raises(grpc.RpcError, match="UNAUTHENTICATED"):
+            stats(table.groups[0], None)
+        seen = stats(table.groups[0], credentials)
+        assert seen.forward_calls == 0 and seen.refused_calls == 3
+        assert credentials.secret not in repr(credentials)
         groups = ray.get(controller.groups.remote(), timeout=30)
         assert [g["health"] for g in groups] == ["SERVING", "SERVING"]
         assert {n: g["address"] for n, g in state.groups().items()} == {g["name"]: g["address"] for g in groups}
@@ -86,7 +116,7 @@ def test_controller_starts_repairs_and_shuts_down_groups(local_ray, redis_server
         assert new.groups[1] == table.groups[1]
         # a fresh process listens on a new port (port 0 picks one): the moved address is published
         assert new.groups[0] != table.groups[0]
-        assert held_slots(new.groups[0]) == table.slots_of(0)
+        assert held_slots(new.groups[0], credentials) == table.slots_of(0)
         assert state.groups()[f"{name}-group-0"]["address"] == new.groups[0]
         msg = sub.get_message(timeout=5)
         assert msg is not None and msg["data"] == "2"
@@ -98,7 +128,7 @@ def test_controller_starts_repairs_and_shuts_down_groups(local_ray, redis_server
         assert state.groups() == {}
         for address in new.groups:  # nothing serves on the old addresses
             with pytest.raises(grpc.RpcError):
-                held_slots_quick(address)
+                stats(address, credentials, timeout_s=2)
     finally:
         ray.kill(controller)
         state.close()
@@ -121,11 +151,6 @@ def test_failed_start_leaves_no_group_behind(local_ray, redis_server, tiny_check
         state.close()
     finally:
         ray.kill(controller)
-
-
-def held_slots_quick(address: str) -> None:
-    with grpc.insecure_channel(address) as channel:
-        expert_pb2_grpc.ExpertServiceStub(channel).Stats(expert_pb2.StatsRequest(), timeout=2)
 
 
 def test_config_is_validated_and_rejects_unknown_keys():

@@ -20,7 +20,8 @@ class Traffic:
     output is compared with the reference. Counts successes, failures and mismatches."""
 
     def __init__(self, router, reference: ReferenceModel, tokens: list[int], workers: int = 3,
-                 prompt_len: int = 12, max_tokens: int = 4, prompts: int = 6, seed: int = 0):
+                 prompt_len: int = 12, max_tokens: int = 4, prompts: int = 6, seed: int = 0,
+                 timeout_s: float = 60.0):
         rng = random.Random(seed)
         self.router = router
         self.prompts, self.expected = [], {}
@@ -31,8 +32,9 @@ class Traffic:
             if eos not in expected:  # the engine stops at eos, the reference does not: keep the comparison exact
                 self.prompts.append(prompt)
                 self.expected[tuple(prompt)] = expected
-        self.max_tokens = max_tokens
+        self.max_tokens, self.timeout_s = max_tokens, timeout_s  # a request not done in timeout_s fails
         self.ok = self.failed = self.mismatched = 0
+        self.latencies_s: list[float] = []  # of the requests that succeeded
         self.errors: list[str] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -45,8 +47,9 @@ class Traffic:
         while not self._stop.is_set():
             prompt = self.prompts[n % len(self.prompts)]
             n += 1
+            start = time.monotonic()
             try:
-                tokens = generate(self.router, prompt, self.max_tokens)
+                tokens = generate(self.router, prompt, self.max_tokens, self.timeout_s)
             except Exception as e:  # counted, never raised: the test asserts on the counts
                 with self._lock:
                     self.failed += 1
@@ -55,6 +58,7 @@ class Traffic:
             with self._lock:
                 if tokens == self.expected[tuple(prompt)]:
                     self.ok += 1
+                    self.latencies_s.append(time.monotonic() - start)
                 else:
                     self.mismatched += 1
                     self.errors.append(f"prompt {prompt}: got {tokens}, reference {self.expected[tuple(prompt)]}")

@@ -42,3 +42,6 @@ RUN pip install --no-cache-dir "grpcio-tools==${GRPCIO_TOOLS_VERSION}" \
  && python -c "import elasticmoe.v1.serving_pb2_grpc, grpc_health.v1.health_pb2_grpc, cluster.serve_app, router_service.deployment"
 
 WORKDIR /home/ray
+# Serve's gRPC proxy takes messages up to 2 GiB unless told otherwise: cap client messages at 16 MiB
+# (router_service/deployment.py: MAX_CLIENT_MESSAGE_BYTES); larger ones are refused RESOURCE_EXHAUSTED.
+ENV RAY_SERVE_GRPC_MAX_MESSAGE_SIZE=16777216

@@ -138,9 +138,10 @@ def local_service(checkpoint: str, groups: int, router: dict, num_cpus: int | No
     from cluster.redis_server import free_port
     from experts.config import ExpertGroupConfig
     from experts.group import ExpertGroupActor
-    from router_service.deployment import GRPC_SERVICER_FUNCTIONS, build_app
+    from router_service.deployment import GRPC_SERVICER_FUNCTIONS, build_app, limit_client_messages
 
     spec = Checkpoint(checkpoint).spec
+    limit_client_messages()
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     actors = []
     try:

@@ -97,7 +97,7 @@ def run(args) -> int:
 
     from cluster.controller import ControllerActor, ControllerConfig
     from cluster.redis_server import EmbeddedRedis, free_port
-    from router_service.deployment import GRPC_SERVICER_FUNCTIONS, build_app
+    from router_service.deployment import GRPC_SERVICER_FUNCTIONS, build_app, limit_client_messages
 
     redis = None if args.redis_url else EmbeddedRedis()
     redis_url = args.redis_url or redis.url
@@ -107,6 +107,7 @@ def run(args) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         # A named namespace: the detached controller is then reachable by name from other drivers.
+        limit_client_messages()  # inherited by the Ray we start (with --address, that cluster's own setting holds)
         ray.init(address=args.address, namespace=RAY_NAMESPACE, include_dashboard=False, log_to_driver=False)
         config = ControllerConfig(checkpoint=str(args.checkpoint), num_groups=args.groups, redis_url=redis_url,
                                   autoscaler=autoscaler, group_cpu_threads=args.group_threads)

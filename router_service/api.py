@@ -10,6 +10,7 @@ from typing import AsyncIterator, Callable
 
 import grpc
 from elasticmoe.v1 import serving_pb2
+from google.protobuf import unknown_fields
 
 from cluster.model_spec import ModelSpec
 from router_service.dispatch import DispatchError
@@ -31,6 +32,15 @@ def invalid(message: str) -> ApiError:
     return ApiError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
+def dispatch_failure(e: DispatchError) -> ApiError:
+    """What the client is told when the expert stage failed. UNAVAILABLE (no live replica: the
+    message names the experts) and DEADLINE_EXCEEDED pass through, and the SDK may retry the
+    first; anything else (a group refusing this router's secret or request) is the server's
+    fault, not the client's: INTERNAL."""
+    passed = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    return ApiError(e.code if e.code in passed else grpc.StatusCode.INTERNAL, str(e))
+
+
 class MoEApi:
     def __init__(self, engine: Engine, spec: ModelSpec, tokenizer: Tokenizer | None,
                  status: Callable[[], serving_pb2.StatusResponse] | None = None):
@@ -38,6 +48,15 @@ class MoEApi:
         self._status = status or (lambda: serving_pb2.StatusResponse(serving=True))
 
     # ---- validation at the edge ----
+
+    @staticmethod
+    def _known_fields_only(request, name: str) -> None:
+        """protobuf keeps fields it does not know, silently: a client built for a newer API would
+        believe a setting took effect. Refuse them instead, by number."""
+        numbers = sorted({f.field_number for f in unknown_fields.UnknownFieldSet(request)})
+        if numbers:
+            raise invalid(f"{name} has fields this server does not know (numbers {numbers}): it speaks "
+                          f"elasticmoe.v1 as in proto/elasticmoe/v1/serving.proto; is the client newer?")
 
     def _token_ids(self, ids, field: str) -> list[int]:
         ids = list(ids)
@@ -81,10 +100,12 @@ class MoEApi:
 
     def validate_generate(self, request: serving_pb2.GenerateRequest) -> tuple[list[int], SamplingParams]:
         """The prompt's token ids and the sampling settings, or ApiError(INVALID_ARGUMENT) naming the field."""
+        self._known_fields_only(request, "GenerateRequest")
         prompt = self._prompt(request)
         return prompt, self._params(request, len(prompt))
 
     def validate_score(self, request: serving_pb2.ScoreRequest) -> list[int]:
+        self._known_fields_only(request, "ScoreRequest")
         ids = self._token_ids(request.token_ids, "token_ids")
         if len(ids) < 2:
             raise invalid(f"token_ids must hold at least 2 tokens to score, got {len(ids)}")
@@ -109,8 +130,8 @@ class MoEApi:
                                                    finish_reason=event.finish_reason or "")
         except QueueFull as e:
             raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
-        except DispatchError as e:  # no live replica for some expert: the message names them
-            raise ApiError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+        except DispatchError as e:
+            raise dispatch_failure(e) from None
 
     async def score(self, request: serving_pb2.ScoreRequest) -> serving_pb2.ScoreResponse:
         ids = self.validate_score(request)
@@ -119,7 +140,7 @@ class MoEApi:
         except QueueFull as e:
             raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
         except DispatchError as e:
-            raise ApiError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+            raise dispatch_failure(e) from None
 
     def status(self, request: serving_pb2.StatusRequest | None = None) -> serving_pb2.StatusResponse:
         return self._status()

@@ -12,9 +12,10 @@ Errors: every grpc.RpcError becomes a MoEError, subclassed by status code; no ra
 leaves this module. Requests are validated by the server only (one source of truth); a value
 protobuf cannot even encode (a str max_tokens, a negative seed) raises InvalidArgument locally.
 
-Retries: only on UNAVAILABLE, and only where repeating cannot be seen by the caller: Score,
-Status, and a Generate that has not yielded a chunk yet. A stream that already yielded tokens
-raises instead: a retry would restart the generation and deliver tokens twice.
+Retries: only on UNAVAILABLE or a lost router replica (ReplicaLost), and only where repeating
+cannot be seen by the caller: Score, Status, and a Generate that has not yielded a chunk yet (all
+three are reads: running one twice changes nothing). A stream that already yielded tokens raises
+instead: a retry would restart the generation and deliver tokens twice.
 
 Credentials: `token=` sends `authorization: Bearer <token>` with every call (a wrong or
 missing one raises Unauthenticated, never retried). `tls=` True verifies the server against
@@ -30,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
@@ -78,6 +80,11 @@ class Unavailable(MoEError):
     """The server cannot be reached or is restarting; retried automatically where safe."""
 
 
+class ReplicaLost(Unavailable):
+    """The router replica serving the call died; Serve starts another. Retried automatically where
+    safe, like Unavailable; `code` stays what the server sent (INTERNAL)."""
+
+
 class Unauthenticated(MoEError):
     """The token is missing or wrong."""
 
@@ -95,11 +102,22 @@ _ERRORS: dict[grpc.StatusCode, type[MoEError]] = {
 }
 
 
+# Serve's gRPC proxy answers a call whose replica process died with INTERNAL and the RayActorError's
+# text as details (get_grpc_response_status in ray/serve/_private/grpc_util.py, Ray 2.60; the texts
+# are ray/exceptions.py's). Observed for every call in flight at a replica's `kill -9`, streamed or
+# not (tests/test_router_fault_ray.py); calls arriving later wait at the proxy for the replacement.
+# An error the router's own code raises also arrives as INTERNAL, with other text, and is not retried;
+# nor is "The actor died because of an error raised in its creation task": a replica that cannot start.
+_REPLICA_LOST = re.compile(r"The actor (died unexpectedly|experienced an error before finishing|\w+ is unavailable:)")
+
+
 def _error(err: grpc.RpcError) -> MoEError:
     # A bare grpc.RpcError need not be a grpc.Call; every error raised by a call is one.
     code = err.code() if callable(getattr(err, "code", None)) else grpc.StatusCode.UNKNOWN
-    details = err.details() if callable(getattr(err, "details", None)) else str(err)
-    return _ERRORS.get(code, MoEError)(code, details or "")
+    details = (err.details() if callable(getattr(err, "details", None)) else str(err)) or ""
+    if code == grpc.StatusCode.INTERNAL and _REPLICA_LOST.match(details):
+        return ReplicaLost(code, details)
+    return _ERRORS.get(code, MoEError)(code, details)
 
 
 @contextlib.contextmanager

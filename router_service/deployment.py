@@ -12,6 +12,7 @@ against ~4 ms through Serve, DESIGN.md).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 from elasticmoe.v1 import serving_pb2
@@ -36,6 +37,18 @@ from cluster.typed_config import config_from_dict
 from experts.credentials import ExpertCredentials
 
 log = logging.getLogger(__name__)
+
+# Serve's gRPC proxy accepts messages up to 2 GiB by default (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE, Ray 2.60),
+# read once where the proxy starts. A Generate request is a few KiB; 16 MiB leaves room for long prompts and
+# bounds what one call can make the proxy hold. Larger messages are refused RESOURCE_EXHAUSTED by gRPC.
+SERVE_MESSAGE_SIZE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
+MAX_CLIENT_MESSAGE_BYTES = 16 * 2**20
+
+
+def limit_client_messages(environ=os.environ) -> None:
+    """Cap Serve's gRPC message size for a Ray started from this process (an explicit setting stays)."""
+    environ.setdefault(SERVE_MESSAGE_SIZE_ENV, str(MAX_CLIENT_MESSAGE_BYTES))
+
 
 # What `grpc_options.grpc_servicer_functions` must list for this deployment.
 GRPC_SERVICER_FUNCTIONS = [
@@ -205,7 +218,12 @@ def _every_expert_live(table: PlacementTable, live: set[int]) -> bool:
     return all(live.intersection(gs) for gs in table.replicas.values())
 
 
-@serve.deployment(name="router", max_ongoing_requests=512)
+# max_ongoing_requests: calls a replica holds at once (its engine queues or refuses them, bounded by
+# max_running + max_queue). max_queued_requests: calls Serve's proxy may hold for a replica beyond that;
+# without it the proxy's queue has no bound, and past it Serve answers RESOURCE_EXHAUSTED itself.
+# health_check_period_s: Serve's controller finds a dead replica at its next check; at the default 10 s
+# a killed router took 6-12 s to be replaced (tests/test_router_fault_ray.py), most of it waiting for that.
+@serve.deployment(name="router", max_ongoing_requests=512, max_queued_requests=1024, health_check_period_s=2.0)
 class RouterDeployment:
     def __init__(self, config: dict, credentials: ExpertCredentials | None = None):
         router_config = RouterConfig.from_dict(config)

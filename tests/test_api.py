@@ -25,11 +25,15 @@ def api(tiny_checkpoint):
     engine.close()
 
 
-def generate(api: MoEApi, **fields):
+def generate_request(api: MoEApi, request):
     async def main():
-        return [r async for r in api.generate(serving_pb2.GenerateRequest(**fields))]
+        return [r async for r in api.generate(request)]
 
     return asyncio.run(main())
+
+
+def generate(api: MoEApi, **fields):
+    return generate_request(api, serving_pb2.GenerateRequest(**fields))
 
 
 def test_prompt_text_and_token_ids(api):
@@ -82,6 +86,35 @@ def test_bad_score_requests(api):
         with pytest.raises(ApiError, match=message) as err:
             asyncio.run(api.score(serving_pb2.ScoreRequest(token_ids=ids)))
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def with_unknown_field(message, number: int = 127):
+    """message re-parsed with one extra varint field `number`, as a newer client would send it."""
+    tag = bytes([((number << 3) & 0x7F) | 0x80, number >> 4])  # a two-byte varint tag, wire type 0
+    return type(message).FromString(message.SerializeToString() + tag + b"\x01")
+
+
+def test_unknown_fields_are_refused_by_number(api):
+    api, _ = api
+    request = with_unknown_field(serving_pb2.GenerateRequest(token_ids=[3, 4], max_tokens=2))
+    with pytest.raises(ApiError, match=r"GenerateRequest has fields this server does not know \(numbers \[127\]\)") \
+            as err:
+        generate_request(api, request)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(ApiError, match=r"ScoreRequest .*numbers \[100\]"):
+        asyncio.run(api.score(with_unknown_field(serving_pb2.ScoreRequest(token_ids=[3, 4]), 100)))
+    assert len(generate(api, token_ids=[3, 4], max_tokens=2)) >= 1  # the same request without it is served
+
+
+def test_expert_stage_failures_map_to_what_the_client_can_do():
+    from router_service.api import dispatch_failure
+    from router_service.dispatch import DispatchError
+
+    code = grpc.StatusCode
+    for inner, outer in [(code.UNAVAILABLE, code.UNAVAILABLE), (code.DEADLINE_EXCEEDED, code.DEADLINE_EXCEEDED),
+                         (code.UNAUTHENTICATED, code.INTERNAL), (code.INVALID_ARGUMENT, code.INTERNAL)]:
+        error = dispatch_failure(DispatchError("127.0.0.1:1", inner, "why"))
+        assert error.code == outer and "127.0.0.1:1" in error.message and "why" in error.message
 
 
 def test_full_queue_is_resource_exhausted(tiny_checkpoint):

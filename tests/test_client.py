@@ -15,8 +15,10 @@ import grpc
 import pytest
 
 from elasticmoe.v1 import serving_pb2, serving_pb2_grpc
+from pki import make_pki
 from router_service.client import (AsyncMoEClient, Chunk, Completion, DeadlineExceeded, InvalidArgument,
-                                   MoEClient, MoEError, ResourceExhausted, Unauthenticated, Unavailable)
+                                   MoEClient, MoEError, ReplicaLost, ResourceExhausted, Unauthenticated,
+                                   Unavailable)
 
 TOKENS = [5, 6, 7]  # what the fake generates, one token per chunk
 LOGPROBS = [-0.5, -1.0, -1.5]  # exact in float32
@@ -32,7 +34,8 @@ class FakeMoE(serving_pb2_grpc.MoEServiceServicer):
         self.lock = threading.Lock()
         self.fail_first = 0  # abort this many calls with fail_code, then behave
         self.fail_code, self.fail_details = grpc.StatusCode.UNAVAILABLE, "warming up"
-        self.fail_after_chunks: int | None = None  # Generate: abort UNAVAILABLE after this many chunks
+        self.fail_after_chunks: int | None = None  # Generate: abort with mid_stream_status after this many chunks
+        self.mid_stream_status = grpc.StatusCode.UNAVAILABLE, "replica lost mid-stream"
         self.required_token: str | None = None
         self.hang = False  # block until the client gives up
         self.endless = False  # Generate: stream until cancelled
@@ -69,7 +72,7 @@ class FakeMoE(serving_pb2_grpc.MoEServiceServicer):
             return
         for i, token in enumerate(TOKENS):
             if self.fail_after_chunks == i:
-                context.abort(grpc.StatusCode.UNAVAILABLE, "replica lost mid-stream")
+                context.abort(*self.mid_stream_status)
             last = i == len(TOKENS) - 1
             yield serving_pb2.GenerateResponse(token_ids=[token], text=f"<{token}>",
                                                logprobs=[LOGPROBS[i]] if request.logprobs else [],
@@ -214,6 +217,54 @@ def test_no_retry_once_a_chunk_was_streamed(fake, client):
     assert fake.calls == 2
 
 
+# What Serve's proxy sends for a call in flight when the router replica's process dies (Ray 2.60,
+# seen in tests/test_router_fault_ray.py): INTERNAL with the ActorDiedError's text.
+REPLICA_DIED = ("The actor died unexpectedly before finishing this task.\n\tclass_name: ServeReplica:moe:router\n"
+                "\tactor_id: 1e14ff76e04536f7a92b419b01000000\n\tpid: 16353\n"
+                "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR")
+
+
+@pytest.mark.parametrize("method", ["generate", "score", "status"])
+def test_a_lost_serve_replica_is_retried_until_success(fake, client, method):
+    fake.fail_first, fake.fail_code, fake.fail_details = 2, grpc.StatusCode.INTERNAL, REPLICA_DIED
+    result = {"generate": lambda: client.generate([1]).token_ids, "score": lambda: client.score([1, 2]),
+              "status": lambda: client.status().model}[method]()
+    assert result in (TOKENS, [-1.0], "fake-moe") and fake.calls == 3
+
+
+def test_a_lost_serve_replica_mid_stream_raises_replica_lost_without_retry(fake, client):
+    fake.fail_after_chunks, fake.mid_stream_status = 1, (grpc.StatusCode.INTERNAL, REPLICA_DIED)
+    chunks = []
+    with pytest.raises(ReplicaLost) as info:
+        for chunk in client.stream([1]):
+            chunks.append(chunk)
+    assert [c.token_ids for c in chunks] == [[5]] and fake.calls == 1
+    assert isinstance(info.value, Unavailable) and info.value.code == grpc.StatusCode.INTERNAL
+    assert info.value.details == REPLICA_DIED
+
+
+@pytest.mark.parametrize("details", [
+    "The actor died because of an error raised in its creation task, ray::ServeReplica...",  # cannot start
+    "ray::ServeReplica:moe:router.handle_request() ... ZeroDivisionError",  # the router's own bug
+    "details of INTERNAL",
+])
+def test_other_internal_errors_are_not_retried(fake, client, details):
+    fake.fail_first, fake.fail_code, fake.fail_details = 99, grpc.StatusCode.INTERNAL, details
+    with pytest.raises(MoEError) as info:
+        client.score([1, 2])
+    assert type(info.value) is MoEError and fake.calls == 1
+
+
+def test_async_client_retries_a_lost_serve_replica(fake):
+    fake.fail_first, fake.fail_code, fake.fail_details = 2, grpc.StatusCode.INTERNAL, REPLICA_DIED
+
+    async def main():
+        async with AsyncMoEClient(fake.address, **FAST) as c:
+            return (await c.generate([1])).token_ids
+
+    assert asyncio.run(main()) == TOKENS and fake.calls == 3
+
+
 def test_unreachable_server_is_unavailable():
     with socket.socket() as s:  # a port that nothing listens on
         s.bind(("127.0.0.1", 0))
@@ -309,70 +360,9 @@ def test_client_imports_without_torch_or_ray():
 
 # --- TLS: a self-signed CA, a server certificate for 127.0.0.1 / localhost / moe.test, a client one --
 
-def _pki_with_cryptography(out: Path) -> None:
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def cert(name, key, issuer, issuer_key, ca, san=None):
-        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-             .issuer_name(issuer).public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if san:
-            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        return b.sign(issuer_key, hashes.SHA256())
-
-    def write(stem, key, crt):
-        (out / f"{stem}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                            serialization.PrivateFormat.PKCS8,
-                                                            serialization.NoEncryption()))
-        (out / f"{stem}.pem").write_bytes(crt.public_bytes(serialization.Encoding.PEM))
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "elasticmoe test CA")])
-    write("ca", ca_key, cert("elasticmoe test CA", ca_key, ca_name, ca_key, True))
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    write("server", server_key, cert("server", server_key, ca_name, ca_key, False,
-                                     [x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                                      x509.DNSName("localhost"), x509.DNSName("moe.test")]))
-    client_key = ec.generate_private_key(ec.SECP256R1())
-    write("client", client_key, cert("client", client_key, ca_name, ca_key, False))
-
-
-def _pki_with_openssl(out: Path) -> None:
-    def run(*args):
-        subprocess.run(["openssl", *args], cwd=out, check=True, capture_output=True, timeout=60)
-
-    ec_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
-    run("req", "-x509", *ec_key, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=test-ca")
-    (out / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:moe.test\n")
-    for stem, ext in (("server", ["-extfile", "san.ext"]), ("client", [])):
-        run("req", *ec_key, "-keyout", f"{stem}.key", "-out", f"{stem}.csr", "-subj", f"/CN={stem}")
-        run("x509", "-req", "-in", f"{stem}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{stem}.pem", "-days", "1", *ext)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("pki")
-    try:
-        import cryptography  # noqa: F401
-    except ImportError:
-        import shutil
-
-        if shutil.which("openssl") is None:
-            pytest.skip("neither the cryptography package nor the openssl CLI is here to make a test certificate")
-        _pki_with_openssl(out)
-    else:
-        _pki_with_cryptography(out)
-    return out
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @contextlib.contextmanager

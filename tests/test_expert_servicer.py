@@ -194,3 +194,75 @@ def test_config_rejects_bad_values():
                          ("slots", [(0, -1)]), ("slots", [(0, 1), (0, 1)]), ("host", "")]:
         with pytest.raises(ValueError, match=field):
             ExpertGroupConfig(checkpoint="x", **{field: value})
+
+
+# ---- bounded fuzz of Forward over real gRPC: any request is served or refused with a clear status ----
+
+@pytest.fixture(scope="module")
+def group_address(tiny_checkpoint):
+    """One group serving (0, 1) and (0, 2) on a loop in a background thread, for a sync client."""
+    import threading
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    config = ExpertGroupConfig(checkpoint=str(tiny_checkpoint), slots=[(0, 1), (0, 2)], device="cpu",
+                               backend="torch", name="fuzz")
+    server, address = asyncio.run_coroutine_threadsafe(serve_group(config), loop).result(60)
+    yield address
+    asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=10)
+
+
+def _tensors():
+    from hypothesis import strategies as st
+
+    return st.builds(expert_pb2.Tensor, dtype=st.sampled_from(["float32", "int32", "bfloat16", "float64", "", "x"]),
+                     shape=st.lists(st.integers(-2, 70), max_size=4), data=st.binary(max_size=1024))
+
+
+def _well_shaped():
+    """Requests whose tensors decode, with ids and sizes that may still be wrong."""
+    from hypothesis import strategies as st
+
+    def build(t, k, h, ids, layer):
+        ids = torch.tensor(ids[: t * k] + [-1] * (t * k - len(ids[: t * k])), dtype=torch.int32).view(t, k)
+        return expert_pb2.ForwardRequest(layer=layer, hidden=encode(torch.randn(t, h)), expert_ids=encode(ids),
+                                         weights=encode(torch.rand(t, k)), placement_version=3)
+
+    return st.builds(build, st.integers(0, 5), st.integers(1, 3), st.sampled_from([H, H, 32]),
+                     st.lists(st.integers(-3, 9), max_size=15), st.integers(-1, 3))
+
+
+def test_fuzzed_forward_is_served_or_refused_with_a_clear_status(group_address):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    clear = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION}
+    channel = grpc.insecure_channel(group_address)
+    stub = expert_pb2_grpc.ExpertServiceStub(channel)
+    outcomes = {"ok": 0, "refused": 0}
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(_well_shaped() | st.builds(expert_pb2.ForwardRequest, layer=st.integers(-2, 4), hidden=_tensors(),
+                                      expert_ids=_tensors(), weights=_tensors(), placement_version=st.integers(-1, 9)))
+    def fuzz(req):
+        try:
+            reply = stub.Forward(req, timeout=30)
+        except grpc.RpcError as e:
+            assert e.code() in clear, (e.code(), e.details())
+            assert e.details()  # says what was wrong
+            outcomes["refused"] += 1
+            return
+        assert list(reply.output.shape) == [req.hidden.shape[0], H]
+        outcomes["ok"] += 1
+
+    try:
+        fuzz()
+        # still serving, and both branches were exercised
+        hidden, ids, weights = random_batch(3, 2, [1, 2])
+        assert list(stub.Forward(request(0, hidden, ids, weights), timeout=30).output.shape) == [3, H]
+    finally:
+        channel.close()
+    assert outcomes["ok"] and outcomes["refused"], outcomes

@@ -15,7 +15,7 @@ from cluster.placement_table import PlacementTable
 from experts.config import ExpertGroupConfig
 from experts.group import ExpertGroupActor
 from router_service.client import InvalidArgument, MoEClient
-from router_service.deployment import GRPC_SERVICER_FUNCTIONS, build_app
+from router_service.deployment import GRPC_SERVICER_FUNCTIONS, build_app, limit_client_messages
 from router_service.model import ReferenceModel
 
 
@@ -27,6 +27,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def service(tiny_checkpoint):
+    limit_client_messages()  # as moectl serve does: Serve's proxy, started below, inherits it
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     spec = Checkpoint(tiny_checkpoint).spec
     table = PlacementTable.round_robin(spec, ["pending:0", "pending:1"])
@@ -93,6 +94,29 @@ def test_generate_score_status_health(address, tiny_checkpoint):
         from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
         assert "elasticmoe.v1.MoEService" in ProtoReflectionDescriptorDatabase(channel).get_services()
+
+
+def test_unknown_fields_and_oversized_messages_get_clear_codes(address):
+    """Through Serve's proxy: a field this server does not know is INVALID_ARGUMENT naming it; a
+    message over gRPC's receive limit is RESOURCE_EXHAUSTED before anything reads it; then the
+    service still answers."""
+    from elasticmoe.v1 import serving_pb2, serving_pb2_grpc
+
+    from router_service.deployment import MAX_CLIENT_MESSAGE_BYTES
+
+    request = serving_pb2.GenerateRequest(token_ids=[3, 4], max_tokens=2)
+    newer = request.SerializeToString() + bytes([0xF8, 0x07, 0x01])  # field 127 = 1, as a newer client sends it
+    with grpc.insecure_channel(address) as channel:
+        raw = channel.unary_stream("/elasticmoe.v1.MoEService/Generate", request_serializer=None,
+                                   response_deserializer=serving_pb2.GenerateResponse.FromString)
+        with pytest.raises(grpc.RpcError) as err:
+            list(raw(newer, timeout=60))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "numbers [127]" in err.value.details()
+        stub = serving_pb2_grpc.MoEServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(serving_pb2.GenerateRequest(prompt="x" * (MAX_CLIENT_MESSAGE_BYTES + 1)), timeout=60))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value
+        assert len([r for r in stub.Generate(request, timeout=60) if r.token_ids]) >= 1
 
 
 def test_health_follows_the_groups(address, group_actors):

@@ -54,13 +54,37 @@ def test_group_that_lacks_an_expert_is_a_clear_error(tiny_checkpoint):
     ckpt = Checkpoint(tiny_checkpoint)
     groups = Groups(tiny_checkpoint, [[(0, 0)]])
     table = PlacementTable.round_robin(ckpt.spec, groups.addresses)  # claims group 0 holds everything
-    remote = RemoteExperts(ckpt.spec, table)
+    stale = []
+    remote = RemoteExperts(ckpt.spec, table, on_stale=lambda: stale.append(1))
     try:
         x = torch.randn(3, ckpt.spec.hidden_size)
         ids = torch.tensor([[0, 1], [0, 2], [3, 0]])
         with pytest.raises(DispatchError, match="FAILED_PRECONDITION") as err:
             remote(0, x, ids, torch.full((3, 2), 0.5))
         assert err.value.address == groups.addresses[0]
+        assert stale  # the router was told to fetch the placement now
+    finally:
+        remote.close()
+        groups.close()
+
+
+def test_stale_placement_is_served_by_another_replica_and_refreshed(tiny_checkpoint):
+    """Group 0 dropped most of its experts (a newer placement); a router still on the old table
+    gets FAILED_PRECONDITION from it, asks for the new placement, and gets the answer from the
+    other replica: the same output as the reference experts, no error."""
+    ckpt = Checkpoint(tiny_checkpoint)
+    everything = [(l, e) for l in ckpt.spec.sparse_layers for e in range(ckpt.spec.num_experts)]
+    groups = Groups(tiny_checkpoint, [[(0, 0)], everything])
+    old = PlacementTable(1, tuple(groups.addresses), {slot: (0, 1) for slot in everything})
+    stale = []
+    remote = RemoteExperts(ckpt.spec, old, on_stale=lambda: stale.append(1))
+    try:
+        reference = ReferenceModel.from_pretrained(tiny_checkpoint)
+        layer = ckpt.spec.sparse_layers[0]
+        x, ids, w = torch.randn(6, ckpt.spec.hidden_size), torch.tensor([[0, 1], [2, 3], [4, 5]] * 2), torch.rand(6, 2)
+        got = remote(layer, x, ids, w)
+        torch.testing.assert_close(got, reference.experts(layer, x, ids, w), atol=1e-5, rtol=1e-5)
+        assert stale
     finally:
         remote.close()
         groups.close()

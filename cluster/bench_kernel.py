@@ -2,7 +2,10 @@
 
   random experts [E, F, H] (scaled 0.02) + random gate -> top-k slot ids, weights
   per T in --tokens: warm up, time --repeats calls per backend, print the medians,
-  their ratio, and the max abs difference between the two backends' outputs.
+  each backend's speed-up over the first, and the max abs difference from the first's output.
+
+Backends: torch, triton (the launch settings measured on an H200 where they fit), and
+triton-portable (the untuned defaults, for a before/after of those settings in one run).
 
 Defaults are Mixtral-8x7B's expert shapes (H 4096, F 14336, 8 experts, top-2, bf16),
 about 2.8 GB of weights: meant for a GPU; on CPU pass smaller --hidden/--ffn.
@@ -15,7 +18,8 @@ import statistics
 import time
 
 DTYPES = ("bfloat16", "float16", "float32")
-WARMUP_CALLS = 3  # the first triton call per shape compiles; later ones hit the cache
+BACKENDS = ("torch", "triton", "triton-portable")
+WARMUP_CALLS = 10  # the first triton call per shape compiles; the rest let the GPU clocks ramp up
 
 
 def _int_list(text: str) -> list[int]:
@@ -38,7 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated token counts (default 1,4,16,64,256,1024,4096)")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per row; the median is shown (default 20)")
     parser.add_argument("--device", default="auto", help="cuda, cpu, or auto = cuda when available (default)")
-    parser.add_argument("--backends", default="torch,triton", help="comma-separated subset of torch,triton")
+    parser.add_argument("--backends", default="torch,triton",
+                        help=f"comma-separated, from {','.join(BACKENDS)}; speed-ups are against the first "
+                             "(default torch,triton)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -65,10 +71,19 @@ def _time_ms(fn, repeats: int, device) -> float:
     return statistics.median(times)
 
 
+def _call(backend: str, hidden, slot_ids, weights, experts):
+    from experts.kernel import moe_forward
+
+    if backend == "triton-portable":
+        from experts.triton_moe import triton_moe_forward
+
+        return lambda: triton_moe_forward(hidden, slot_ids, weights, experts, tuned=False)
+    return lambda: moe_forward(hidden, slot_ids, weights, experts, backend=backend)
+
+
 def run(args) -> int:
     import torch
 
-    from experts.kernel import moe_forward
     from experts.weights import ExpertWeights
 
     for name in ("hidden", "ffn", "experts", "top_k", "repeats"):
@@ -77,16 +92,18 @@ def run(args) -> int:
     if args.top_k > args.experts:
         raise ValueError(f"--top-k ({args.top_k}) must be <= --experts ({args.experts})")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    if not backends or set(backends) - {"torch", "triton"}:
-        raise ValueError(f"--backends must be a subset of torch,triton, got {args.backends!r}")
+    if not backends or set(backends) - set(BACKENDS) or len(set(backends)) != len(backends):
+        raise ValueError(f"--backends must name distinct ones of {','.join(BACKENDS)}, got {args.backends!r}")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA device: use --device cpu")
-    if "triton" in backends and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        print("note: the triton backend needs CUDA (or TRITON_INTERPRET=1, which is far too slow to time); "
-              "skipping the triton column")
-        backends.remove("triton")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        skipped = [b for b in backends if b.startswith("triton")]
+        if skipped:
+            print(f"note: {', '.join(skipped)} need{'s' if len(skipped) == 1 else ''} CUDA (or TRITON_INTERPRET=1, "
+                  "which is far too slow to time); skipping")
+            backends = [b for b in backends if b not in skipped]
     if not backends:
         return 0
     dtype = getattr(torch, args.dtype)
@@ -99,8 +116,10 @@ def run(args) -> int:
     experts = ExpertWeights(rand(e, f, h), rand(e, f, h), rand(e, h, f))
     print(f"device {device}  dtype {args.dtype}  H {h}  F {f}  experts {e}  top-{args.top_k}  "
           f"weights {experts.nbytes / 2**30:.2f} GiB  median of {args.repeats} after {WARMUP_CALLS} warm-up")
-    cols = [f"{b} ms" for b in backends] + (["speed-up", "max |diff|"] if len(backends) == 2 else [])
-    print(f"{'tokens':>7}" + "".join(f"{c:>12}" for c in cols))
+    first = backends[0]
+    cols = [f"{b} ms" for b in backends] + [f"{b} x" for b in backends[1:]] + [f"{b} |diff|" for b in backends[1:]]
+    width = max(12, max(len(c) for c in cols) + 2)
+    print(f"{'tokens':>7}" + "".join(f"{c:>{width}}" for c in cols))
     for tokens in args.tokens:
         hidden = torch.randn(tokens, h, device=device).to(dtype)
         gate_logits = torch.randn(tokens, e, device=device)
@@ -108,12 +127,10 @@ def run(args) -> int:
         weights = (top_w / top_w.sum(-1, keepdim=True)).to(dtype)  # Mixtral renormalises the top-k
         ms, outs = {}, {}
         for b in backends:
-            call = lambda b=b: moe_forward(hidden, slot_ids, weights, experts, backend=b)  # noqa: E731
+            call = _call(b, hidden, slot_ids, weights, experts)
             outs[b] = call()
             ms[b] = _time_ms(call, args.repeats, device)
-        row = [f"{ms[b]:.3f}" for b in backends]
-        if len(backends) == 2:
-            diff = (outs["torch"].float() - outs["triton"].float()).abs().max().item()
-            row += [f"{ms['torch'] / ms['triton']:.2f}x", f"{diff:.2e}"]
-        print(f"{tokens:>7}" + "".join(f"{c:>12}" for c in row))
+        row = [f"{ms[b]:.3f}" for b in backends] + [f"{ms[first] / ms[b]:.2f}x" for b in backends[1:]]
+        row += [f"{(outs[first].float() - outs[b].float()).abs().max().item():.2e}" for b in backends[1:]]
+        print(f"{tokens:>7}" + "".join(f"{c:>{width}}" for c in row))
     return 0

@@ -177,7 +177,10 @@ class Controller:
         self.names = [f"{self.config.name}-group-{i}" for i in range(self.config.num_groups)]
         self._next_name = self.config.num_groups  # the number in the next added group's name
         self._actors: list = []  # ActorHandle per group id, empty until start()
-        self._table: PlacementTable | None = None  # what Redis holds, with the addresses we trust
+        self._table: PlacementTable | None = None  # the groups we run and what they serve (see _published)
+        # What Redis holds. Equal to _table but between dropping a lost group and publishing the
+        # placement without it: routers and placement() go by this one.
+        self._published: PlacementTable | None = None
         self._held: list[set[tuple[int, int]]] = []  # per group id: the slots it holds (a superset of its table slots)
         self._lock = asyncio.Lock()  # one control call mutates the table at a time; binds to the actor's loop
         self.telemetry = Telemetry(self.state)
@@ -249,7 +252,7 @@ class Controller:
         for i, name in enumerate(self.names):
             self.state.register_group(name, table.groups[i], table.slots_of(i))
         self.state.publish_placement(table)
-        self._table = table
+        self._table = self._published = table
         self._held = [set(table.slots_of(i)) for i in range(len(self.names))]
         log.info("controller %s: placement version %d published, groups %s", cfg.name, table.version,
                  dict(zip(self.names, table.groups)))
@@ -285,7 +288,8 @@ class Controller:
 
     def placement(self) -> str:
         """The current placement table as JSON (what Redis holds)."""
-        return self._started().to_json()
+        self._started()
+        return self._published.to_json()
 
     async def groups(self) -> list[dict]:
         """Per group: name, published address, number of slots, health (SERVING when the actor
@@ -310,11 +314,7 @@ class Controller:
             table = self._started()
             seen = await asyncio.gather(*(self._observe(i) for i in range(len(self._actors))))
             stale = [i for i, address in enumerate(seen) if address != table.groups[i]]
-            result = await self._refresh(stale)
-            if self._orphans():  # a lost group's experts not yet re-placed (an earlier try failed)
-                await self._cover_orphans("experts of lost groups")
-                result["version"] = self._table.version
-            return result
+            return await self._refresh(stale)
 
     async def refresh_group(self, i: int) -> dict:
         """Call start() on group i again (after a Ray restart it serves nothing until then) and
@@ -341,7 +341,7 @@ class Controller:
                 pending.append(self.names[i])  # Ray is restarting it: expected right after a crash
                 log.warning("controller %s: group %s (published at %s) is not ready yet, will retry: %s",
                             self.config.name, self.names[i], table.groups[i], result)
-            elif isinstance(result, ActorDiedError):  # out of restarts (max_group_restarts): gone for good
+            elif isinstance(result, ActorDiedError) and await self._dead_for_good(i):  # out of restarts
                 lost.append(i)
                 failed[self.names[i]] = f"{type(result).__name__}: {result}"
                 log.error("controller %s: group %s (published at %s) is dead and Ray will not restart it; its "
@@ -358,19 +358,32 @@ class Controller:
             for i, address in moved.items():
                 self.state.register_group(self.names[i], address, new.slots_of(i))
             self.state.publish_placement(new)
-            self._table = new
+            self._table = self._published = new
             for i, address in moved.items():
                 log.info("controller %s: group %s moved %s -> %s, placement version %d", self.config.name,
                          self.names[i], table.groups[i], address, new.version)
         refreshed = [self.names[i] for i in moved]
         if lost:
             await self._drop_lost_groups(lost)
-        return {"version": self._table.version, "refreshed": refreshed, "pending": pending, "failed": failed}
+        if self._table != self._published and self._table.groups:  # dropped groups, not yet published (or retry)
+            await self._publish_survivors()
+        return {"version": self._published.version, "refreshed": refreshed, "pending": pending, "failed": failed}
+
+    async def _dead_for_good(self, i: int) -> bool:
+        """ActorDiedError also ends a call whose process died mid-call while Ray restarts it; only an
+        actor that still answers ActorDiedError to a new call is out of restarts."""
+        try:
+            await asyncio.wait_for(self._actors[i].address.remote(), self.config.health_timeout_s)
+        except ActorDiedError:
+            return True
+        except (ActorUnavailableError, asyncio.TimeoutError):
+            pass
+        return False
 
     async def _drop_lost_groups(self, lost: list[int]) -> None:
-        """Forget groups Ray cannot restart, then place the experts only they held on the
-        groups left (call with self._lock held). Until that rebalance publishes, routers keep
-        the old table: requests for those experts fail fast with UNAVAILABLE."""
+        """Forget groups Ray cannot restart (call with self._lock held). _publish_survivors then
+        publishes the placement without them. Until it does, routers keep the old table: requests
+        for experts only the lost groups held fail fast with UNAVAILABLE."""
         old = self._table
         survivors = [i for i in range(len(old.groups)) if i not in lost]
         gone = [(self.names[i], self._actors[i], old.groups[i]) for i in lost]
@@ -382,7 +395,7 @@ class Controller:
                 total = sum(share for _, share in kept)
                 replicas[slot] = tuple(g for g, _ in kept)
                 shares[slot] = tuple(share / total if total > 0 else 1.0 / len(kept) for _, share in kept)
-        # Not published: it lacks the lost groups' experts. The rebalance below publishes v+1.
+        # Not published: _publish_survivors publishes v+1 from it.
         self._table = PlacementTable(old.version, tuple(old.groups[i] for i in survivors), replicas, shares)
         self.names = [self.names[i] for i in survivors]
         self._actors = [self._actors[i] for i in survivors]
@@ -392,31 +405,27 @@ class Controller:
         if not survivors:
             log.error("controller %s: every expert group is lost; nothing serves until the controller is restarted",
                       self.config.name)
-            return
-        await self._cover_orphans(f"group(s) {', '.join(name for name, _, _ in gone)} lost")
 
     def _orphans(self) -> list[tuple[int, int]]:
         """(layer, expert) pairs the controller's table gives no replica (their groups were lost)."""
         table = self._table
-        if table is None or not table.groups:
-            return []
         return [(l, e) for l in self.spec.sparse_layers for e in range(self.spec.num_experts)
                 if not table.replicas.get((l, e))]
 
-    async def _cover_orphans(self, reason: str) -> None:
-        """A rebalance that gives every orphaned expert a replica on the groups left (call with
-        self._lock held). The planner places them where they move the fewest weights."""
+    async def _publish_survivors(self) -> None:
+        """After groups were dropped: a rebalance that publishes v+1 over the groups left, placing
+        the experts only lost groups held where they move the fewest weights (call with
+        self._lock held). A failure leaves the survivors unpublished: the next group check retries."""
         orphans = self._orphans()
-        if not orphans:
-            return
-        G = len(self._table.groups)
-        current = self._table.to_placement(self.spec, self.autoscaler.slots_per_group(G))
-        loads = self._last_obs.loads if self._last_obs is not None else self._no_load()
-        placement = await asyncio.to_thread(self.autoscaler.plan, loads, current, G)
-        result = await self._rebalance(placement, f"re-place {len(orphans)} expert(s): {reason}")
+        current = self._current_placement()
+        if orphans:
+            placement = await asyncio.to_thread(self.autoscaler.plan, self._loads(), current, len(self._table.groups))
+        else:
+            placement = current  # every expert has a replica left: only the lost addresses go
+        result = await self._rebalance(placement, f"lost group(s) dropped; {len(orphans)} expert(s) re-placed")
         if result.result == "failed":
-            log.error("controller %s: re-placing %d expert(s) failed (%s); next try at the next group check",
-                      self.config.name, len(orphans), result.error)
+            log.error("controller %s: publishing the placement without the lost group(s) failed (%s); next try at the "
+                      "next group check", self.config.name, result.error)
 
     async def _restart(self, i: int) -> str:
         """start() on group i and the address it returns, once that address answers over gRPC."""
@@ -492,7 +501,10 @@ class Controller:
         """One observe -> decide -> apply round (the loop calls it; tests may too)."""
         async with self._lock:
             table = self._started()
-            await asyncio.to_thread(self._ensure_published, table)
+            if not table.groups:  # every group lost (logged when it happened): nothing to observe or plan
+                self.last_decision = Decision("hold", "no expert group left")
+                return self.last_decision
+            await asyncio.to_thread(self._ensure_published, self._published)
             obs = await asyncio.to_thread(self.autoscaler.observe, table, list(self.names))
             self._last_obs = obs
             self._export(obs, table)
@@ -531,7 +543,7 @@ class Controller:
     def status(self) -> dict:
         """What the autoscaler did last, for `moectl` and the router's Status (JSON-able, no secrets)."""
         obs, d = self._last_obs, self.last_decision
-        return {"version": self._table.version if self._table else 0, "groups": len(self.names),
+        return {"version": self._published.version if self._published else 0, "groups": len(self.names),
                 "enabled": self.config.autoscaler.enabled, "paused": self.paused,
                 "imbalance": obs.imbalance if obs else None, "pairs_per_s": float(obs.loads.sum()) if obs else None,
                 "utilization": obs.utilization if obs else {},
@@ -568,15 +580,22 @@ class Controller:
         if placement is not None and placement.expected_imbalance == placement.expected_imbalance:  # not NaN
             self.metrics.planned_imbalance.set(placement.expected_imbalance)
         if result.result != "failed":
-            self._table = new
+            self._table = self._published = new
             for i in range(min(len(self.names), len(new.groups))):
                 self.state.register_group(self.names[i], new.groups[i], new.slots_of(i))
         self.autoscaler.changed()  # a failure cools down too: no retry storm
         self.last_rebalance = result.as_dict()
         return result
 
-    def _no_load(self) -> np.ndarray:
+    def _loads(self) -> np.ndarray:
+        """Load [L, E] of the last observation (zeros before the first)."""
+        if self._last_obs is not None:
+            return self._last_obs.loads
         return np.zeros((len(self.spec.sparse_layers), self.spec.num_experts))
+
+    def _current_placement(self):
+        """The planner's view of the table, with the slots per group its group count gets."""
+        return self._table.to_placement(self.spec, self.autoscaler.slots_per_group(len(self._table.groups)))
 
     def _expert_bytes(self) -> int:
         spec = self.spec
@@ -587,40 +606,44 @@ class Controller:
         """Scale up: start one more group (outside the lock: waiting for a GPU node may take
         minutes), then rebalance onto it."""
         cfg = self.config
-        i = len(self.names)  # its group id once added
         name = f"{cfg.name}-group-{self._next_name}"  # never a name in use: lost groups leave gaps in the ids
         self._next_name += 1
         num_gpus = self._num_gpus()
+        actor = None
         try:
-            if num_gpus:
-                _request_gpus(len(self.names) + 1)  # lets the Ray/KubeRay autoscaler add a node ahead of time
-            actor = self._create_group(name, [], num_gpus)
-            log.info("controller %s: adding group %s (%s)", cfg.name, name, reason)
-            address = await asyncio.wait_for(actor.start.remote(), cfg.group_start_timeout_s)
-        except Exception as e:
-            log.error("controller %s: could not add group %s: %s", cfg.name, name, e)
-            self.metrics.group_changes.labels("up_failed").inc()
-            self._adding = None
-            return
-        async with self._lock:
-            self.names.append(name)
-            self._actors.append(actor)
-            self._held.append(set())
-            old = self._table
-            widened = PlacementTable(old.version, old.groups + (address,), old.replicas, old.shares)
-            loads = self._last_obs.loads if self._last_obs is not None else self._no_load()
-            current = widened.to_placement(self.spec, self.autoscaler.slots_per_group(len(old.groups)))
-            placement = self.autoscaler.plan(loads, current, len(widened.groups))
-            self._table = widened  # not published: rebalance publishes v+1 with the new group in it
-            result = await self._rebalance(placement, f"scale up: {reason}", groups=widened.groups)
-            if result.result == "failed":
-                self._table = old
-                self.names.pop(), self._actors.pop(), self._held.pop()
-                await self._kill([(name, actor, address)])
+            try:
+                if num_gpus:
+                    _request_gpus(len(self.names) + 1)  # lets the Ray/KubeRay autoscaler add a node ahead of time
+                actor = self._create_group(name, [], num_gpus)
+                log.info("controller %s: adding group %s (%s)", cfg.name, name, reason)
+                address = await asyncio.wait_for(actor.start.remote(), cfg.group_start_timeout_s)
+            except Exception as e:
+                log.error("controller %s: could not add group %s: %s", cfg.name, name, e)
                 self.metrics.group_changes.labels("up_failed").inc()
-            else:
-                self.state.register_group(name, address, self._table.slots_of(i))
-                self.metrics.group_changes.labels("up").inc()
+                if actor is not None:  # started too slowly or failed: it must not hold a GPU request
+                    await self._kill([(name, actor, None)])
+                return
+            async with self._lock:
+                self.names.append(name)
+                self._actors.append(actor)
+                self._held.append(set())
+                old = self._table
+                widened = PlacementTable(old.version, old.groups + (address,), old.replicas, old.shares)
+                current = widened.to_placement(self.spec, self.autoscaler.slots_per_group(len(old.groups)))
+                placement = await asyncio.to_thread(self.autoscaler.plan, self._loads(), current, len(widened.groups))
+                self._table = widened  # not published: rebalance publishes v+1 with the new group in it
+                result = await self._rebalance(placement, f"scale up: {reason}", groups=widened.groups)
+                if result.result == "failed":  # (a success registered the new group with its slots)
+                    self._table = old
+                    self.names.pop(), self._actors.pop(), self._held.pop()
+                    await self._kill([(name, actor, address)])
+                    self.metrics.group_changes.labels("up_failed").inc()
+                else:
+                    self.metrics.group_changes.labels("up").inc()
+        except Exception:  # never silent: the task's exception would otherwise go unread
+            log.exception("controller %s: adding group %s failed", cfg.name, name)
+            self.metrics.group_changes.labels("up_failed").inc()
+        finally:
             self._adding = None
 
     async def _remove_last_group(self, decision: Decision) -> None:
@@ -675,7 +698,7 @@ class Controller:
             S = self.autoscaler.slots_per_group(G)
             placement = table.to_placement(spec, S)
             l = list(spec.sparse_layers).index(layer)
-            loads = self._last_obs.loads if self._last_obs is not None else self._no_load()
+            loads = self._loads()
             group_load = placement.group_loads(loads)[l]
             slots, shares = placement.slots.copy(), placement.shares.copy()
             holders = [g for g in range(G) if (slots[l, g] == expert).any()]
@@ -714,7 +737,7 @@ class Controller:
             self._metrics_server = None
         async with self._lock:
             await self._kill_all()
-            self._table = None
+            self._table = self._published = None
 
     async def _kill_all(self) -> None:
         addresses = list(self._table.groups if self._table is not None else (None,) * len(self._actors))

@@ -33,7 +33,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
@@ -59,7 +59,8 @@ class EmbeddedRedisConfig:
     executable: str = "redis-server"  # a name looked up on PATH, or a path
     start_timeout_s: float = 10.0  # how long to wait for the first PONG
     stop_timeout_s: float = 5.0  # how long SIGTERM gets before SIGKILL
-    password: str | None = None  # requirepass; it then appears in .url (redact it with cluster.state.redact_url)
+    # requirepass; it then appears in .url (redact it with cluster.state.redact_url), never in a repr
+    password: str | None = field(default=None, repr=False)
     start_attempts: int = 3  # tries on fresh ports when the chosen port was taken meanwhile
     port: int = 0  # 0 = a free port; a fixed one brings a stopped server back where clients look for it
     # TLS: all three files turn it on; the server then listens on `port` with TLS only. Paths are

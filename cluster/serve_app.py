@@ -71,6 +71,10 @@ class AppArgs:
                 if key in getattr(self, name):
                     raise AppArgsError(f"{name}.{key} is set from the top-level args (or by the builder); "
                                        f"remove it from {name}")
+        if "expert_secret" in self.controller:  # never echo its value
+            raise AppArgsError("controller.expert_secret: Serve logs these args, so the cluster secret must not be "
+                               "here; put it in an environment variable of the controller's pod (a Secret) and set "
+                               "controller.expert_secret_env to its name, or leave both out to have one generated")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.controller_label_selector.items()):
             raise AppArgsError(f"controller_label_selector must map label names to strings, "
                                f"got {self.controller_label_selector!r}")

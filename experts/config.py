@@ -57,8 +57,6 @@ class ExpertGroupConfig:
         if self.cpu_threads is not None and (not isinstance(self.cpu_threads, int) or isinstance(self.cpu_threads, bool)
                                              or self.cpu_threads < 1):
             raise ValueError(f"cpu_threads must be None (torch's default) or an int >= 1, got {self.cpu_threads!r}")
-        if isinstance(self.credentials, dict):
-            self.credentials = ExpertCredentials(**self.credentials)
         if self.credentials is not None and not isinstance(self.credentials, ExpertCredentials):
             raise CredentialsError("credentials must be None or ExpertCredentials")
 

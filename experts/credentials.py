@@ -14,7 +14,8 @@ it, and Forward runs the model's weights on whatever it is sent. The secret is m
 (32 random bytes) unless the operator gives one, travels only inside Ray (actor and deployment
 arguments, never logs), and is compared in constant time: both sides are hashed to 32 bytes and
 compared with hmac.compare_digest, so neither the time nor an error tells how much of a guess
-was right. `repr()` and `fingerprint` show a short digest, never the secret.
+was right. `repr()` never shows it, nor a digest of it (a digest of a weak, human-chosen
+secret could be brute-forced from logs).
 
 TLS files are read by each process that uses them (a group, a router replica, the controller),
 so on Kubernetes the same Secret is mounted on every Ray pod. Group addresses are IPs, so the
@@ -101,13 +102,8 @@ class ExpertCredentials:
     def generate(cls, tls: ExpertTLS | dict | None = None) -> "ExpertCredentials":
         return cls(secrets.token_urlsafe(32), tls)
 
-    @property
-    def fingerprint(self) -> str:
-        """12 hex characters of the secret's SHA-256: tells two processes share a secret, reveals nothing."""
-        return hashlib.sha256(self.secret.encode()).hexdigest()[:12]
-
     def __repr__(self) -> str:
-        return f"ExpertCredentials(fingerprint={self.fingerprint}, tls={'on' if self.tls else 'off'})"
+        return f"ExpertCredentials(secret=<hidden>, tls={'on' if self.tls else 'off'})"
 
 
 # ---- the two sides of a connection; credentials None = plaintext, no secret (tests, one machine) ----
@@ -134,9 +130,11 @@ def call_metadata(credentials: ExpertCredentials | None) -> tuple[tuple[str, str
 
 
 class SecretCheck(grpc.aio.ServerInterceptor):
-    """Refuses every call whose metadata lacks the cluster secret, before its handler runs.
-    Counts refusals (`refused`), and logs the first one from each peer: a misconfigured router
-    shows up once in the log, not once a call."""
+    """Refuses every call whose metadata lacks the cluster secret, before its handler runs, and
+    without reading its request: the refusal is a client-streaming handler that never asks for a
+    message, so a caller without the secret cannot make the group buffer a large one. Counts
+    refusals (`refused`) and logs the first from each host (a misconfigured router shows up once in
+    the log, not once a call), then one line per 1000 refusals."""
 
     def __init__(self, secret: str):
         self._digest = hashlib.sha256(secret.encode()).digest()
@@ -157,14 +155,14 @@ class SecretCheck(grpc.aio.ServerInterceptor):
         if problem is None:
             return await continuation(handler_call_details)
         self.refused += 1
-        return grpc.unary_unary_rpc_method_handler(self._refuse(problem, handler_call_details.method))
+        return grpc.stream_unary_rpc_method_handler(self._refuse(problem, handler_call_details.method))
 
     def _refuse(self, problem: str, method: str):
-        async def refuse(request, context):
-            peer = context.peer()
-            if peer not in self._logged_peers and len(self._logged_peers) < 1000:
-                self._logged_peers.add(peer)
-                log.warning("expert API: refused %s from %s: %s (%d refused so far)", method, peer, problem,
+        async def refuse(request_iterator, context):  # the iterator is never read
+            host = context.peer().rsplit(":", 1)[0]  # "ipv4:10.0.0.5:43210" -> without the port
+            if (host not in self._logged_peers and len(self._logged_peers) < 1000) or self.refused % 1000 == 0:
+                self._logged_peers.add(host)
+                log.warning("expert API: refused %s from %s: %s (%d refused so far)", method, host, problem,
                             self.refused)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
 

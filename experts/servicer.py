@@ -100,6 +100,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         self._busy_s = 0.0
         self._forward_calls = 0
         self._in_flight = 0
+        self._loads_in_flight = 0
         # Loads and unloads read files and copy stacks while Forwards are served: on their own
         # thread at a lower CPU priority, so on a shared CPU serving wins (DESIGN: a rebalance
         # must not stall serving). One thread: loads run one at a time anyway (_swap_lock).
@@ -133,9 +134,13 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             new = sorted({(int(layer), int(expert)) for layer, expert in slots} - have)
             if new:
                 start, before = time.monotonic(), held_bytes(held)
-                if self.load_delay_s:
-                    await asyncio.sleep(self.load_delay_s)
-                self._held = await self._off_loop(self._with_loaded, held, new)  # reads files: off the loop
+                self._loads_in_flight += 1
+                try:
+                    if self.load_delay_s:
+                        await asyncio.sleep(self.load_delay_s)
+                    self._held = await self._off_loop(self._with_loaded, held, new)  # reads files: off the loop
+                finally:
+                    self._loads_in_flight -= 1
                 log.info("group %s loaded %d slot(s) %s: +%.2f MiB, now %d slots, %.2f MiB, in %.3f s",
                          self.config.name, len(new), new, (self.loaded_bytes - before) / 2**20,
                          len(self.slots), self.loaded_bytes / 2**20, time.monotonic() - start)
@@ -283,4 +288,4 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
                                         tokens=self._tokens[(layer, expert)]) for layer, expert in slots],
             busy_s=self._busy_s, queue_depth=self._in_flight, forward_calls=self._forward_calls,
             device=str(self.device), loaded_bytes=self.loaded_bytes,
-            refused_calls=self.secret_check.refused if self.secret_check else 0)
+            refused_calls=self.secret_check.refused if self.secret_check else 0, loads_in_flight=self._loads_in_flight)

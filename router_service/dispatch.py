@@ -46,9 +46,10 @@ from experts.wire import GRPC_OPTIONS, decode, encode
 
 _GOLDEN = (5 ** 0.5 - 1) / 2
 DOWN_S = 2.0  # after a failed Forward, a group gets no traffic for this long when another replica exists
-# Failures another replica would repeat (a bad request, the router lacking the cluster secret): fail the layer
-# at once instead of marking groups down one after another.
-PERMANENT = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+# Failures another replica would repeat (a bad or oversized request, the router lacking the cluster secret, an
+# API the group does not have): fail the layer at once instead of marking groups down one after another.
+PERMANENT = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED)
 
 
 def _pad(values, width: int, fill) -> list:
@@ -193,36 +194,42 @@ class RemoteExperts:
             retry = torch.full_like(pending, -1)
             done, waiting = await asyncio.wait(parts, timeout=max(0.0, min(self.slow_s, deadline - loop.time())))
             if waiting:
-                # Slower than slow_s: where every pair of the part has a replica elsewhere, give up on
-                # the group and move them; else keep waiting (the call's own timeout is the deadline).
+                # Slower than slow_s: where every pair of the part has a replica on a group that is
+                # neither failed nor slow itself, give up on the group and move them; else keep
+                # waiting (the call's own timeout is the deadline).
+                slow = {parts[t][0]: DispatchError(routes.table.groups[parts[t][0]], grpc.StatusCode.DEADLINE_EXCEEDED,
+                                                   f"no answer within forward_slow_s={self.slow_s} s") for t in waiting}
                 keep = set()
                 for task in waiting:
                     g, rows, mine = parts[task]
-                    slow = DispatchError(routes.table.groups[g], grpc.StatusCode.DEADLINE_EXCEEDED,
-                                         f"no answer within forward_slow_s={self.slow_s} s")
-                    moved = self._alternative(routes, layer, ids, mine, {**failed, g: slow}, strict=False)
+                    moved = self._alternative(routes, layer, ids, mine, {**failed, **slow}, strict=False)
                     if moved is None:
                         keep.add(task)
                         continue
                     task.cancel()
-                    failed[g] = slow
+                    failed[g] = slow[g]
                     self._mark_down(routes.table.groups[g])
                     self._observe(g, self.slow_s, "slow")
                     retry[mine] = moved[mine]
                 if keep:
                     done |= (await asyncio.wait(keep))[0]
-            for task in done:
+            errors = {task: task.exception() for task in done}  # every one read, so none goes unretrieved
+            permanent = [e for e in errors.values() if isinstance(e, DispatchError) and e.code in PERMANENT]
+            other = [e for e in errors.values() if e is not None and not isinstance(e, DispatchError)]
+            if permanent or other:
+                raise (permanent or other)[0]
+            for task, error in errors.items():
                 g, rows, mine = parts[task]
-                error = task.exception()
-                if isinstance(error, DispatchError) and error.code not in PERMANENT:
-                    # the group is gone, slow or out of date: its pairs go to another replica
+                if error is not None:
+                    # the group is gone or out of date: its pairs go to another replica
                     failed[g] = error
                     self._mark_down(routes.table.groups[g])
                     if error.code == grpc.StatusCode.FAILED_PRECONDITION and self.on_stale is not None:
                         self.on_stale()  # our placement is older than the group's slots: fetch the new one
+            for task, error in errors.items():
+                g, rows, mine = parts[task]
+                if error is not None:
                     retry[mine] = self._alternative(routes, layer, ids, mine, failed)[mine]
-                elif error is not None:
-                    raise error
                 else:
                     out.index_add_(0, rows, task.result().to(x.dtype))
             if (retry < 0).all():
@@ -309,8 +316,8 @@ class RemoteExperts:
 
     def close(self) -> None:
         async def _close():
-            for channel in self._channels.values():
-                await channel.close()
+            for ch in self._channels.values():
+                await ch.close()
 
         self._run(_close())
         self._loop.call_soon_threadsafe(self._loop.stop)

@@ -86,3 +86,16 @@ def test_help_lists_commands():
     assert r.returncode == 0
     for cmd in ("make-checkpoint", "inspect", "run-reference", "bench"):
         assert cmd in r.stdout
+
+
+def test_bench_kernel_compares_backends_and_their_outputs(capsys):
+    # On CPU the triton columns run under TRITON_INTERPRET=1 (conftest): tiny shapes, one token count.
+    assert main(["bench", "kernel", "--hidden", "16", "--ffn", "24", "--experts", "4", "--tokens", "3",
+                 "--repeats", "1", "--dtype", "bfloat16", "--backends", "torch,triton-portable,triton"]) == 0
+    header, row = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert header.split() == ["tokens", "torch", "ms", "triton-portable", "ms", "triton", "ms", "triton-portable",
+                              "x", "triton", "x", "triton-portable", "|diff|", "triton", "|diff|"]
+    values = row.split()
+    assert values[0] == "3" and all(float(d) < 1e-2 for d in values[-2:])  # both triton paths equal torch's
+    assert main(["bench", "kernel", "--backends", "torch,torch"]) == 2
+    assert "--backends must name distinct ones of torch,triton,triton-portable" in capsys.readouterr().err

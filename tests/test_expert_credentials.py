@@ -17,7 +17,7 @@ from experts.credentials import (SECRET_METADATA, CredentialsError, ExpertCreden
                                  channel)
 from experts.group import serve_group
 from experts.servicer import ExpertServicer
-from experts.wire import encode
+from experts.wire import GRPC_OPTIONS, encode
 
 SECRET = "cluster-secret-for-the-test-0123456789"
 H = 64  # the tiny preset
@@ -78,13 +78,19 @@ def test_no_or_wrong_secret_is_unauthenticated_and_computes_nothing(tiny_checkpo
                                               timeout=10),
                              stub.Stats(expert_pb2.StatsRequest(), timeout=10, metadata=twice)):
                     assert (await refused(call)).code() == grpc.StatusCode.UNAUTHENTICATED
+            # 64 MiB without the secret: refused before the request is read (the gRPC limit is 256 MiB)
+            big = expert_pb2.ForwardRequest(layer=0, hidden=expert_pb2.Tensor(dtype="float32", shape=[2**18, H],
+                                                                              data=bytes(2**26)))
+            async with channel(address, None, GRPC_OPTIONS) as ch:
+                err = await refused(expert_pb2_grpc.ExpertServiceStub(ch).Forward(big, timeout=30))
+                assert err.code() == grpc.StatusCode.UNAUTHENTICATED
             assert servicer._forward_calls == 0 and servicer.slots == [(0, 0)]  # nothing computed, nothing loaded
             reply = await forward(address, None, right)
             assert list(reply.output.shape) == [1, H]
             async with channel(address, None) as ch:
                 stats = await expert_pb2_grpc.ExpertServiceStub(ch).Stats(expert_pb2.StatsRequest(), timeout=10,
                                                                            metadata=call_metadata(right))
-            assert stats.forward_calls == 1 and stats.refused_calls == 5
+            assert stats.forward_calls == 1 and stats.refused_calls == 6
 
     asyncio.run(body())
 
@@ -124,7 +130,7 @@ def test_settings_are_validated_without_echoing_the_secret(tmp_path, monkeypatch
             ExpertCredentials(bad)
         assert bad not in str(err.value)
     creds = ExpertCredentials(SECRET)
-    assert SECRET not in repr(creds) and creds.fingerprint in repr(creds)
+    assert SECRET not in repr(creds) and "hidden" in repr(creds)
     assert ExpertCredentials.generate().secret != ExpertCredentials.generate().secret  # per cluster, random
     assert len(ExpertCredentials.generate().secret) >= 32
 

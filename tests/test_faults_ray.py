@@ -19,12 +19,15 @@ import os
 import signal
 import time
 
+import grpc
 import pytest
 import ray
+from elasticmoe.v1 import expert_pb2, expert_pb2_grpc
 from test_autoscaler_ray import FAST, Cluster, local_ray, reference  # noqa: F401  (fixtures)
 from traffic import Traffic, generate, wait_for
 
 from cluster.redis_server import EmbeddedRedis
+from experts.credentials import call_metadata
 from router_service.dispatch import DispatchError
 
 SLOW_S = 0.5  # the router's forward_slow_s here: a group this late loses the call to a replica
@@ -38,6 +41,12 @@ def group(cluster: Cluster, i: int):
 
 def kill_group(cluster: Cluster, i: int) -> None:
     os.kill(ray.get(group(cluster, i).pid.remote(), timeout=10), signal.SIGKILL)
+
+
+def stats(address: str, credentials, timeout_s: float = 10) -> expert_pb2.StatsResponse:
+    with grpc.insecure_channel(address) as channel:
+        return expert_pb2_grpc.ExpertServiceStub(channel).Stats(expert_pb2.StatsRequest(), timeout=timeout_s,
+                                                                metadata=call_metadata(credentials))
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +81,6 @@ def test_slow_group_loses_its_calls_to_the_other_replica(replicated, reference):
         traffic.stop()
     assert traffic.failed == 0 and traffic.mismatched == 0, traffic.errors[:5]
     assert metrics.get_sample_value("elasticmoe_forward_slow_total", {"group": "0"}) >= 1
-    assert not metrics.get_sample_value("elasticmoe_forward_slow_total", {"group": "1"})
     print(f"slow group: {traffic.ok} requests, latency max {max(traffic.latencies_s):.2f} s with {DELAY_S} s "
           f"injected per Forward and forward_slow_s {SLOW_S}")
 
@@ -107,26 +115,64 @@ def test_group_dying_during_load_experts_rolls_back_and_fails_nothing(replicated
     (holder,) = cluster.state.load_placement().replicas[(layer, expert)]
     target = 1 - holder  # the group the next scale-up loads onto; it holds a replica of every other expert
     ray.get(group(cluster, target).inject_fault.remote(load_delay_s=30.0), timeout=10)
+    credentials = ray.get(cluster.controller.expert_credentials.remote(), timeout=10)
+    address = cluster.state.load_placement().groups[target]
     traffic = Traffic(cluster.router, reference, list(range(2, 200)), seed=8)
     try:
         wait_for(lambda: traffic.ok >= 3, 30, what="traffic")
         pending = cluster.controller.scale.remote(layer, expert, 2)
-        time.sleep(1.0)  # LoadExperts is under way on the target: it waits 30 s before reading anything
+        # the target is inside LoadExperts (it waits 30 s before reading anything): kill it there
+        wait_for(lambda: stats(address, credentials).loads_in_flight == 1, 30, what="LoadExperts under way")
+        version = cluster.state.placement_version()
         killed_at = time.monotonic()
         kill_group(cluster, target)
         result = ray.get(pending, timeout=60)
         assert result["result"] == "failed" and "LoadExperts" in result["error"], result
         assert ray.get(cluster.controller.status.remote(), timeout=10)["last_rebalance"]["result"] == "failed"
         assert cluster.state.load_placement().replicas[(layer, expert)] == (holder,)  # rolled back
-        wait_for(cluster.router.serving, 60, what="the killed group restarted and serving")
+        # Ray restarts the target; the repair loop reloads its slots and publishes its new address
+        wait_for(lambda: cluster.state.placement_version() > version, 60, what="the target re-published")
+        table = cluster.state.load_placement()
+        wait_for(lambda: stats(table.groups[target], credentials, timeout_s=2).forward_calls > 0, 60,
+                 what="the restarted target serving traffic")
         recovered_s = time.monotonic() - killed_at
-        served = traffic.ok
-        wait_for(lambda: traffic.ok >= served + 3, 30, what="traffic after the restart")
-        print(f"group killed during LoadExperts: rebalance rolled back; group serving again in {recovered_s:.1f} s")
+        held = {(s.slot.layer, s.slot.expert) for s in stats(table.groups[target], credentials).slots}
+        assert set(table.slots_of(target)) <= held  # its slots reloaded
+        print(f"group killed during LoadExperts: rebalance rolled back; the group serving again {recovered_s:.1f} s "
+              f"after the kill")
     finally:
         traffic.stop()
     assert traffic.failed == 0 and traffic.mismatched == 0, traffic.errors[:5]
     assert cluster.replica_counts()[(layer, expert)] == 1
+
+
+def test_replicated_group_lost_for_good_goes_and_fails_nothing(replicated, reference):  # noqa: F811
+    """Every expert of the lost group has a replica elsewhere: its address leaves the published
+    placement (v+1 over the survivor) and no request fails."""
+    cluster = replicated
+    for (layer, expert), n in cluster.replica_counts().items():  # an earlier test left one at 1 replica
+        if n == 1:
+            ray.get(cluster.controller.scale.remote(layer, expert, 2), timeout=60)
+    assert set(cluster.replica_counts().values()) == {2}
+    wait_for(cluster.router.serving, 60, what="both groups serving")
+    traffic = Traffic(cluster.router, reference, list(range(2, 200)), seed=10)
+    try:
+        wait_for(lambda: traffic.ok >= 3, 30, what="traffic")
+        version = cluster.state.placement_version()
+        lost_at = time.monotonic()
+        ray.kill(group(cluster, 1), no_restart=True)  # gone for good, like a group out of restarts
+        table = wait_for(lambda: (t := cluster.state.load_placement()).version > version and len(t.groups) == 1 and t,
+                         60, what="a placement without the lost group")
+        table.validate(cluster.spec)
+        wait_for(lambda: cluster.router.experts.pending_version == table.version, 10, what="the router on it")
+        gone_s = time.monotonic() - lost_at
+        served = traffic.ok
+        wait_for(lambda: traffic.ok >= served + 3, 30, what="traffic on the survivor")
+        assert cluster.router.serving()
+        print(f"replicated group lost for good: out of the placement {gone_s:.1f} s after the kill")
+    finally:
+        traffic.stop()
+    assert traffic.failed == 0 and traffic.mismatched == 0, traffic.errors[:5]
 
 
 def test_group_lost_for_good_fails_fast_then_its_experts_move(local_ray, tiny_checkpoint, reference):  # noqa: F811

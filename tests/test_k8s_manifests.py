@@ -491,6 +491,17 @@ def test_app_args_errors_say_what_to_fix():
         args.controller_config("http://:hunter2@redis:6379/0", "ns")
     assert "hunter2" not in str(e.value)
     assert _differing_keys({"a": 1, "s": {"x": 1, "y": 2}}, {"a": 1, "s": {"x": 1, "y": 3}}) == ["s.y"]
+    with pytest.raises(AppArgsError, match="controller.expert_secret: Serve logs these args") as e:
+        AppArgs.from_dict({"checkpoint": "/c", "num_groups": 1, "controller": {"expert_secret": "s3cret-s3cret-s3cret"}})
+    assert "s3cret" not in str(e.value)
+
+
+def test_the_image_caps_client_messages_like_the_code():
+    """The Dockerfile's cap on Serve's gRPC messages is the one the code and tests use."""
+    from router_service.deployment import MAX_CLIENT_MESSAGE_BYTES, SERVE_MESSAGE_SIZE_ENV
+
+    dockerfile = (Path(__file__).resolve().parents[1] / "Dockerfile").read_text()
+    assert f"ENV {SERVE_MESSAGE_SIZE_ENV}={MAX_CLIENT_MESSAGE_BYTES}\n" in dockerfile
 
 # ---- the manifest agrees with the serve config ----------------------------------------------
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import time
 from pathlib import Path
 
 import pytest
@@ -76,7 +75,6 @@ def files_holding(root: Path, needle: bytes) -> list[str]:
 def test_password_and_tls_end_to_end_and_no_secret_anywhere(ray_session, tiny_checkpoint, reference, tmp_path,
                                                             caplog, capsys):
     caplog.set_level(logging.DEBUG)
-    start = time.monotonic()
     pki = make_pki(tmp_path)
     with EmbeddedRedis(password=PASSWORD, tls_cert_file=pki / "server.pem", tls_key_file=pki / "server.key",
                        tls_ca_cert_file=pki / "ca.pem") as server:
@@ -150,4 +148,3 @@ def test_password_and_tls_end_to_end_and_no_secret_anywhere(ray_session, tiny_ch
     assert files_holding(ray_logs, cluster.name.encode())
     assert files_holding(ray_logs, b"to rediss://:***@127.0.0.1")  # "published placement version ..."
     assert files_holding(ray_logs, PASSWORD.encode()) == []
-    assert time.monotonic() - start < 90  # bounded: every wait above has its own timeout

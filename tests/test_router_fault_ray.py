@@ -155,7 +155,7 @@ def test_router_replica_killed_under_load(address, tiny_checkpoint):
         threads = [start(run_call, c, client) for c in queued] + [start(run_call, queued_once, once)]
         stop, calls = threading.Event(), []
         threads += [start(load, kind, client, stop, calls) for kind in ("generate", "score", "status")]
-        time.sleep(1.0)  # let them reach the replica; the long streams hold the slots for seconds more
+        time.sleep(2.0)  # let them reach the replica; the long streams hold the slots for seconds more
         assert all(c.end is None for c in long_calls + queued + [queued_once]), "finished before the kill"
 
         os.kill(old["Pid"], signal.SIGKILL)

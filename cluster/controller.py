@@ -355,10 +355,12 @@ class Controller:
         if moved:
             groups = tuple(moved.get(i, address) for i, address in enumerate(table.groups))
             new = PlacementTable(table.version + 1, groups, table.replicas, table.shares)
-            for i, address in moved.items():
-                self.state.register_group(self.names[i], address, new.slots_of(i))
-            self.state.publish_placement(new)
-            self._table = self._published = new
+            if table == self._published:  # else survivors of a lost group wait to be published (below)
+                for i, address in moved.items():
+                    self.state.register_group(self.names[i], address, new.slots_of(i))
+                self.state.publish_placement(new)
+                self._published = new
+            self._table = new
             for i, address in moved.items():
                 log.info("controller %s: group %s moved %s -> %s, placement version %d", self.config.name,
                          self.names[i], table.groups[i], address, new.version)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,7 +29,9 @@ from cluster.autoscaler_config import AutoscalerConfig
 from cluster.model_spec import ModelSpec
 from cluster.placement import Placement, PlannerConfig, plan
 from cluster.placement_table import PlacementTable
-from cluster.telemetry import Telemetry
+
+if TYPE_CHECKING:  # a type only: the planner side (moectl simulate, bench kernel's CLI) needs no redis-py
+    from cluster.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 

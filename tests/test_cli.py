@@ -99,3 +99,14 @@ def test_bench_kernel_compares_backends_and_their_outputs(capsys):
     assert values[0] == "3" and all(float(d) < 1e-2 for d in values[-2:])  # both triton paths equal torch's
     assert main(["bench", "kernel", "--backends", "torch,torch"]) == 2
     assert "--backends must name distinct ones of torch,triton,triton-portable" in capsys.readouterr().err
+
+
+def test_bench_kernel_needs_no_redis_client():
+    """A GPU box may have torch and triton but not the cluster's packages: the kernel benchmark runs."""
+    code = ("import sys; sys.modules['redis'] = None  # any `import redis` now fails\n"
+            "from cluster.cli import main\n"
+            "sys.exit(main(['bench', 'kernel', '--hidden', '16', '--ffn', '16', '--experts', '2', '--tokens', '1',"
+            " '--repeats', '1', '--backends', 'torch']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "torch ms" in done.stdout

@@ -64,6 +64,17 @@ class DispatchError(RuntimeError):
         self.address, self.code, self.details = address, code, details
 
 
+def _first_replica(routes: "_Routes", layer: int, ids, excluded) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every pair of ids [T, k]: its first replica on a group not in `excluded`, and whether
+    there is one ([T, k] each; the choice is meaningless where there is none)."""
+    candidates = routes.replica_groups[layer][ids]  # [T, k, R]
+    usable = torch.ones(candidates.shape, dtype=torch.bool)
+    for g in excluded:
+        usable &= candidates != g
+    choice = candidates.gather(-1, usable.float().argmax(dim=-1)[..., None]).squeeze(-1)
+    return choice, usable.any(dim=-1)
+
+
 @dataclass(frozen=True)
 class _Routes:
     """A placement table compiled for lookups in the hot path."""
@@ -243,14 +254,8 @@ class RemoteExperts:
         """For the pairs in `mine`, the first replica on a group not in `failed` [T, k]. When some
         pair has none left: with strict, raise UNAVAILABLE naming those (layer, expert) pairs;
         else return None."""
-        candidates = routes.replica_groups[layer][ids]  # [T, k, R]
-        bad = torch.zeros(candidates.shape, dtype=torch.bool)
-        for g in failed:
-            bad |= candidates == g
-        ok = ~bad
-        first = ok.float().argmax(dim=-1)  # [T, k] first usable replica (0 when none)
-        choice = candidates.gather(-1, first[..., None]).squeeze(-1)
-        stranded = mine & ~ok.any(dim=-1)
+        choice, has = _first_replica(routes, layer, ids, failed)
+        stranded = mine & ~has
         if stranded.any():
             if not strict:
                 return None
@@ -276,12 +281,7 @@ class RemoteExperts:
             hit |= pending == g
         if not hit.any():
             return pending
-        candidates = routes.replica_groups[layer][ids]  # [T, k, R]
-        usable = torch.ones(candidates.shape, dtype=torch.bool)
-        for g in down:
-            usable &= candidates != g
-        has = usable.any(dim=-1)
-        choice = candidates.gather(-1, usable.float().argmax(dim=-1)[..., None]).squeeze(-1)
+        choice, has = _first_replica(routes, layer, ids, down)
         return torch.where(hit & has, choice, pending)  # no other replica: try the group anyway
 
     async def _call(self, group: int, address: str, request, timeout_s: float) -> torch.Tensor:

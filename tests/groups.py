@@ -4,11 +4,14 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import grpc
 import torch
+from elasticmoe.v1 import expert_pb2, expert_pb2_grpc
 
 from cluster.checkpoint import Checkpoint
 from cluster.placement_table import PlacementTable
 from experts.config import ExpertGroupConfig
+from experts.credentials import call_metadata
 from experts.group import serve_group
 from router_service.dense import DenseModel
 from router_service.dispatch import RemoteExperts
@@ -45,3 +48,10 @@ def distributed_model(path, num_groups: int):
     remote = RemoteExperts(ckpt.spec, table)
     dense = DenseModel(ckpt.spec, ckpt.load_dense(torch.float32))
     return ReferenceModel(dense, remote), remote, groups, ckpt
+
+
+def group_stats(address: str, credentials=None, timeout_s: float = 10) -> expert_pb2.StatsResponse:
+    """One Stats call to the group at address, with the cluster secret when credentials are given."""
+    with grpc.insecure_channel(address) as channel:
+        return expert_pb2_grpc.ExpertServiceStub(channel).Stats(expert_pb2.StatsRequest(), timeout=timeout_s,
+                                                                metadata=call_metadata(credentials))

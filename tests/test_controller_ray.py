@@ -14,6 +14,7 @@ import pytest
 import ray
 import torch
 from elasticmoe.v1 import expert_pb2, expert_pb2_grpc
+from groups import group_stats
 
 from cluster.checkpoint import Checkpoint
 from cluster.controller import ControllerActor, ControllerConfig, ControllerError
@@ -38,10 +39,6 @@ def redis_server():
         yield server
 
 
-def stats(address: str, credentials, timeout_s: float = 10) -> expert_pb2.StatsResponse:
-    with grpc.insecure_channel(address) as channel:
-        return expert_pb2_grpc.ExpertServiceStub(channel).Stats(expert_pb2.StatsRequest(), timeout=timeout_s,
-                                                                metadata=call_metadata(credentials))
 
 
 def forward_one_token(address: str, credentials, spec) -> expert_pb2.ForwardResponse:
@@ -55,7 +52,7 @@ def forward_one_token(address: str, credentials, spec) -> expert_pb2.ForwardResp
 
 def held_slots(address: str, credentials) -> list[tuple[int, int]]:
     """The (layer, expert) slots the group at address serves, asked over gRPC."""
-    return sorted((s.slot.layer, s.slot.expert) for s in stats(address, credentials).slots)
+    return sorted((s.slot.layer, s.slot.expert) for s in group_stats(address, credentials).slots)
 
 
 def test_controller_starts_repairs_and_shuts_down_groups(local_ray, redis_server, tiny_checkpoint):
@@ -92,8 +89,8 @@ def test_controller_starts_repairs_and_shuts_down_groups(local_ray, redis_server
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, err.value
             assert credentials.secret not in err.value.details()
         with pytest.raises(grpc.RpcError, match="UNAUTHENTICATED"):
-            stats(table.groups[0], None)
-        seen = stats(table.groups[0], credentials)
+            group_stats(table.groups[0], None)
+        seen = group_stats(table.groups[0], credentials)
         assert seen.forward_calls == 0 and seen.refused_calls == 3
         assert credentials.secret not in repr(credentials)
         groups = ray.get(controller.groups.remote(), timeout=30)
@@ -128,7 +125,7 @@ def test_controller_starts_repairs_and_shuts_down_groups(local_ray, redis_server
         assert state.groups() == {}
         for address in new.groups:  # nothing serves on the old addresses
             with pytest.raises(grpc.RpcError):
-                stats(address, credentials, timeout_s=2)
+                group_stats(address, credentials, timeout_s=2)
     finally:
         ray.kill(controller)
         state.close()

@@ -14,6 +14,8 @@ import pytest
 import torch
 from elasticmoe.v1 import expert_pb2, expert_pb2_grpc
 
+from groups import Groups
+
 from cluster.checkpoint import Checkpoint
 from experts.config import ExpertGroupConfig
 from experts.group import serve_group
@@ -201,18 +203,9 @@ def test_config_rejects_bad_values():
 @pytest.fixture(scope="module")
 def group_address(tiny_checkpoint):
     """One group serving (0, 1) and (0, 2) on a loop in a background thread, for a sync client."""
-    import threading
-
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    config = ExpertGroupConfig(checkpoint=str(tiny_checkpoint), slots=[(0, 1), (0, 2)], device="cpu",
-                               backend="torch", name="fuzz")
-    server, address = asyncio.run_coroutine_threadsafe(serve_group(config), loop).result(60)
-    yield address
-    asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(timeout=10)
+    groups = Groups(tiny_checkpoint, [[(0, 1), (0, 2)]])
+    yield groups.addresses[0]
+    groups.close()
 
 
 def _tensors():

@@ -19,15 +19,13 @@ import os
 import signal
 import time
 
-import grpc
 import pytest
 import ray
-from elasticmoe.v1 import expert_pb2, expert_pb2_grpc
+from groups import group_stats
 from test_autoscaler_ray import FAST, Cluster, local_ray, reference  # noqa: F401  (fixtures)
 from traffic import Traffic, generate, wait_for
 
 from cluster.redis_server import EmbeddedRedis
-from experts.credentials import call_metadata
 from router_service.dispatch import DispatchError
 
 SLOW_S = 0.5  # the router's forward_slow_s here: a group this late loses the call to a replica
@@ -43,10 +41,6 @@ def kill_group(cluster: Cluster, i: int) -> None:
     os.kill(ray.get(group(cluster, i).pid.remote(), timeout=10), signal.SIGKILL)
 
 
-def stats(address: str, credentials, timeout_s: float = 10) -> expert_pb2.StatsResponse:
-    with grpc.insecure_channel(address) as channel:
-        return expert_pb2_grpc.ExpertServiceStub(channel).Stats(expert_pb2.StatsRequest(), timeout=timeout_s,
-                                                                metadata=call_metadata(credentials))
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +116,7 @@ def test_group_dying_during_load_experts_rolls_back_and_fails_nothing(replicated
         wait_for(lambda: traffic.ok >= 3, 30, what="traffic")
         pending = cluster.controller.scale.remote(layer, expert, 2)
         # the target is inside LoadExperts (it waits 30 s before reading anything): kill it there
-        wait_for(lambda: stats(address, credentials).loads_in_flight == 1, 30, what="LoadExperts under way")
+        wait_for(lambda: group_stats(address, credentials).loads_in_flight == 1, 30, what="LoadExperts under way")
         version = cluster.state.placement_version()
         killed_at = time.monotonic()
         kill_group(cluster, target)
@@ -133,10 +127,10 @@ def test_group_dying_during_load_experts_rolls_back_and_fails_nothing(replicated
         # Ray restarts the target; the repair loop reloads its slots and publishes its new address
         wait_for(lambda: cluster.state.placement_version() > version, 60, what="the target re-published")
         table = cluster.state.load_placement()
-        wait_for(lambda: stats(table.groups[target], credentials, timeout_s=2).forward_calls > 0, 60,
+        wait_for(lambda: group_stats(table.groups[target], credentials, timeout_s=2).forward_calls > 0, 60,
                  what="the restarted target serving traffic")
         recovered_s = time.monotonic() - killed_at
-        held = {(s.slot.layer, s.slot.expert) for s in stats(table.groups[target], credentials).slots}
+        held = {(s.slot.layer, s.slot.expert) for s in group_stats(table.groups[target], credentials).slots}
         assert set(table.slots_of(target)) <= held  # its slots reloaded
         print(f"group killed during LoadExperts: rebalance rolled back; the group serving again {recovered_s:.1f} s "
               f"after the kill")

@@ -6,7 +6,7 @@
 #   docker build -t elasticmoe:dev-cpu .                                    # CPU: k8s/overlays/dev-cpu
 #   docker build --build-arg VARIANT=cu128 -t REGISTRY/elasticmoe:0.1.0-cu128 .  # CUDA 12.8: k8s/overlays/gpu
 #
-# RAY_VERSION must equal the manifests' rayVersion; tests/test_k8s_manifests.py checks both
+# RAY_VERSION must equal the manifests' rayVersion; tests/k8s/test_k8s_manifests.py checks both
 # against the Ray this repository is tested with, and the pins below against pyproject.toml.
 ARG RAY_VERSION=2.60.0
 ARG PYTHON=py311
@@ -39,9 +39,9 @@ RUN pip install --no-cache-dir "grpcio-tools==${GRPCIO_TOOLS_VERSION}" \
         proto/elasticmoe/v1/serving.proto proto/elasticmoe/v1/expert.proto \
  && pip install --no-cache-dir . "ray[serve]==${RAY_VERSION}" "torch==${TORCH_VERSION}" \
  && cd / \
- && python -c "import elasticmoe.v1.serving_pb2_grpc, grpc_health.v1.health_pb2_grpc, cluster.serve_app, router_service.deployment"
+ && python -c "import elasticmoe.v1.serving_pb2_grpc, grpc_health.v1.health_pb2_grpc, cluster.deploy.serve_app, router_service.serving.deployment"
 
 WORKDIR /home/ray
 # Serve's gRPC proxy takes messages up to 2 GiB unless told otherwise: cap client messages at 16 MiB
-# (router_service/deployment.py: MAX_CLIENT_MESSAGE_BYTES); larger ones are refused RESOURCE_EXHAUSTED.
+# (router_service/serving/deployment.py: MAX_CLIENT_MESSAGE_BYTES); larger ones are refused RESOURCE_EXHAUSTED.
 ENV RAY_SERVE_GRPC_MAX_MESSAGE_SIZE=16777216

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cluster.typed_config import config_from_dict
+from cluster.config import config_from_dict
 from experts.credentials import CredentialsError, ExpertCredentials
-from experts.kernel import BACKENDS
+from experts.kernels.forward import BACKENDS
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import grpc
 
-from cluster.typed_config import config_from_dict
+from cluster.config import config_from_dict
 
 log = logging.getLogger(__name__)
 

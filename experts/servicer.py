@@ -13,7 +13,7 @@ What the group holds is one immutable snapshot, layer -> LayerExperts. Load and
 Unload build a new snapshot and swap it in with one assignment; a Forward reads
 self._held once, so it sees the slots from before a swap or after it, never a mix.
 Dropped weights are freed when the last Forward that read the old snapshot ends.
-The expert math lives in experts.kernel; this file only maps, checks and counts.
+The expert math lives in experts.kernels.forward; this file only maps, checks and counts.
 """
 from __future__ import annotations
 
@@ -22,19 +22,19 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
 import torch
 from elasticmoe.v1 import expert_pb2, expert_pb2_grpc
 
-from cluster.checkpoint import Checkpoint, CheckpointError
+from cluster.checkpoint.reader import Checkpoint, CheckpointError
 from experts.config import ExpertGroupConfig
 from experts.credentials import SecretCheck
-from experts.kernel import moe_forward
-from experts.weights import ExpertWeights
+from experts.kernels.forward import moe_forward
+from experts.kernels.weights import ExpertWeights
 from experts.wire import NAME_OF, WireError, decode, encode
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Python SDK of elastic-moe: typed results and typed errors over the MoEService gRPC API.
 
 Imports only grpc, protobuf and the generated elasticmoe.v1 modules, so an application can
-install and import it without torch or Ray (tests/test_client.py checks this).
+install and import it without torch or Ray (tests/unit/test_client.py checks this).
 
     with MoEClient("host:50051", token="...") as client:
         completion = client.generate("Hello", max_tokens=8)          # consumes the stream
@@ -39,7 +39,6 @@ from pathlib import Path
 
 import grpc
 import grpc.aio
-
 from elasticmoe.v1 import serving_pb2, serving_pb2_grpc
 
 
@@ -105,7 +104,7 @@ _ERRORS: dict[grpc.StatusCode, type[MoEError]] = {
 # Serve's gRPC proxy answers a call whose replica process died with INTERNAL and the RayActorError's
 # text as details (get_grpc_response_status in ray/serve/_private/grpc_util.py, Ray 2.60; the texts
 # are ray/exceptions.py's). Observed for every call in flight at a replica's `kill -9`, streamed or
-# not (tests/test_router_fault_ray.py); calls arriving later wait at the proxy for the replacement.
+# not (tests/integration/test_router_fault_ray.py); calls arriving later wait at the proxy for the replacement.
 # An error the router's own code raises also arrives as INTERNAL, with other text, and is not retried;
 # nor is "The actor died because of an error raised in its creation task": a replica that cannot start.
 _REPLICA_LOST = re.compile(r"The actor (died unexpectedly|experienced an error before finishing|\w+ is unavailable:)")

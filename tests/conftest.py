@@ -8,10 +8,10 @@ import torch
 
 if not torch.cuda.is_available():
     # Triton kernels are tested on CPU under the interpreter. triton.jit reads this when a
-    # kernel is decorated, so it must be set before any test imports experts.triton_moe.
+    # kernel is decorated, so it must be set before any test imports experts.kernels.triton_moe.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from cluster.make_checkpoint import make_checkpoint
+from cluster.checkpoint.make import make_checkpoint
 
 # Shapes that exercise every family's quirks: GQA, a Qwen dense layer (mlp_only_layers),
 # Qwen2's shared expert and qkv bias, Qwen3's q/k norm and explicit head_dim, Mixtral's

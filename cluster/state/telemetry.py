@@ -1,0 +1,156 @@
+"""Telemetry in Redis: expert load from routers, utilisation from groups, router heartbeats.
+
+    router (every <= 100 ms) --record_router()--> one pipelined write:
+        HINCRBY {ns}:load:{b} "layer:expert" n   (each pair routed since the last flush)
+        EXPIRE  {ns}:load:{b} TTL
+        HSET    {ns}:routers router_id {"version": v in use, "updated_at": t, ...}
+    group (every second) --record_group()-------> one pipelined write:
+        HINCRBY      {ns}:group-load:{b} "group|layer:expert" n   tokens served per slot
+        HINCRBYFLOAT {ns}:group-load:{b} "group|busy_s" s         seconds computing
+        HINCRBY      {ns}:group-load:{b} "group|calls" n          Forward calls
+        HSET         {ns}:group-load:{b} "group|queue_depth" d    Forward calls in flight, sampled
+        EXPIRE       {ns}:group-load:{b} TTL
+    autoscaler --expert_load(window)/group_load(window)/routers()--> sums of the buckets in the window
+
+Keys ({ns} as in cluster/state/store.py; b = int(unix time // BUCKET_S)):
+
+| key | type | meaning |
+|---|---|---|
+| `{ns}:load:{b}` | hash, TTL | field `"{layer}:{expert}"`: (token, expert) pairs routers sent to that expert during bucket b |
+| `{ns}:group-load:{b}` | hash, TTL | per group: `"{group}\\|{layer}:{expert}"` tokens served, `"{group}\\|busy_s"`, `"{group}\\|calls"`, `"{group}\\|queue_depth"` |
+| `{ns}:routers` | hash | router id -> JSON `{"version": placement version in use, "updated_at": unix s, "metrics": "host:port" or null}` |
+
+Why time buckets with a TTL: Redis memory stays bounded (at most TTL_S / BUCKET_S
+buckets of at most L*E fields each), every router adds into the same bucket
+without coordination (HINCRBY is atomic), and a window is a handful of HGETALLs.
+Why a heartbeat with the version in use: the autoscaler unloads a dropped replica
+only once every live router has left the placement that used it.
+
+Telemetry is best-effort: a caller whose write fails drops that batch and counts it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+
+from cluster.state.store import ClusterState
+
+BUCKET_S = 1.0  # the resolution of a load window
+TTL_S = 300  # buckets older than this are gone: the longest window anyone can read
+ROUTER_TTL_S = 5.0  # a router silent this long is not waited for (dead, or Redis-less)
+
+Slot = tuple[int, int]
+
+
+class Telemetry:
+    """The key schema above over a ClusterState's Redis client."""
+
+    def __init__(self, state: ClusterState):
+        self.state = state
+        self.client = state.client
+        ns = state.namespace
+        self._load_prefix = f"{ns}:load:"
+        self._group_prefix = f"{ns}:group-load:"
+        self.routers_key = f"{ns}:routers"
+
+    # ---- write ----------------------------------------------------------------------
+
+    def record_router(self, router_id: str, counts: dict[Slot, int], version: int, metrics: str | None = None,
+                      now: float | None = None) -> None:
+        """Add a router's routed pairs to the current bucket and refresh its heartbeat."""
+        now = time.time() if now is None else now
+        key = self._load_prefix + str(_bucket(now))
+        with self.client.pipeline(transaction=False) as pipe:
+            for (layer, expert), n in counts.items():
+                if n:
+                    pipe.hincrby(key, f"{layer}:{expert}", int(n))
+            pipe.expire(key, TTL_S)
+            pipe.hset(self.routers_key, router_id,
+                      json.dumps({"version": int(version), "updated_at": now, "metrics": metrics}))
+            pipe.execute()
+
+    def record_group(self, group: str, slot_tokens: dict[Slot, int], busy_s: float, calls: int, queue_depth: int,
+                     now: float | None = None) -> None:
+        """Add a group's work since its last record to the current bucket."""
+        now = time.time() if now is None else now
+        key = self._group_prefix + str(_bucket(now))
+        with self.client.pipeline(transaction=False) as pipe:
+            for (layer, expert), n in slot_tokens.items():
+                if n:
+                    pipe.hincrby(key, f"{group}|{layer}:{expert}", int(n))
+            pipe.hincrbyfloat(key, f"{group}|busy_s", float(busy_s))
+            pipe.hincrby(key, f"{group}|calls", int(calls))
+            pipe.hset(key, f"{group}|queue_depth", int(queue_depth))
+            pipe.expire(key, TTL_S)
+            pipe.execute()
+
+    def forget_router(self, router_id: str) -> None:
+        self.client.hdel(self.routers_key, router_id)
+
+    # ---- read -----------------------------------------------------------------------
+
+    def expert_load(self, window_s: float, now: float | None = None) -> dict[Slot, int]:
+        """(layer, expert) -> pairs routed in the last window_s seconds (summed over routers)."""
+        out: dict[Slot, int] = defaultdict(int)
+        for bucket in self._read(self._load_prefix, window_s, now):
+            for field, n in bucket.items():
+                layer, expert = field.split(":")
+                out[(int(layer), int(expert))] += int(n)
+        return dict(out)
+
+    def group_load(self, window_s: float, now: float | None = None) -> dict[str, dict]:
+        """group -> {"busy_s", "calls", "queue_depth" (max sampled), "tokens": {(layer, expert): n}}
+        over the last window_s seconds."""
+        out: dict[str, dict] = {}
+        for bucket in self._read(self._group_prefix, window_s, now):
+            for field, value in bucket.items():
+                group, _, what = field.rpartition("|")
+                g = out.setdefault(group, {"busy_s": 0.0, "calls": 0, "queue_depth": 0, "tokens": defaultdict(int)})
+                if what == "busy_s":
+                    g["busy_s"] += float(value)
+                elif what == "calls":
+                    g["calls"] += int(value)
+                elif what == "queue_depth":
+                    g["queue_depth"] = max(g["queue_depth"], int(value))
+                else:
+                    layer, expert = what.split(":")
+                    g["tokens"][(int(layer), int(expert))] += int(value)
+        for g in out.values():
+            g["tokens"] = dict(g["tokens"])
+        return out
+
+    def routers(self, max_age_s: float = ROUTER_TTL_S, now: float | None = None) -> dict[str, dict]:
+        """Routers heard from in the last max_age_s seconds: id -> {"version", "updated_at", "metrics"}.
+        Entries much older than that are deleted (a router that died without saying so)."""
+        now = time.time() if now is None else now
+        live, dead = {}, []
+        for router_id, text in self.client.hgetall(self.routers_key).items():
+            try:
+                entry = json.loads(text)
+                age = now - float(entry["updated_at"])
+            except (ValueError, KeyError, TypeError):
+                dead.append(router_id)
+                continue
+            if age <= max_age_s:
+                live[router_id] = entry
+            elif age > 12 * max_age_s:
+                dead.append(router_id)
+        if dead:
+            self.client.hdel(self.routers_key, *dead)
+        return live
+
+    def _read(self, prefix: str, window_s: float, now: float | None) -> list[dict]:
+        now = time.time() if now is None else now
+        last = _bucket(now)
+        first = _bucket(now - window_s) + 1 if window_s > 0 else last
+        first = min(first, last)
+        with self.client.pipeline(transaction=False) as pipe:
+            for b in range(first, last + 1):
+                pipe.hgetall(prefix + str(b))
+            return pipe.execute()
+
+
+def _bucket(t: float) -> int:
+    return int(math.floor(t / BUCKET_S))

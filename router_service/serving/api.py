@@ -1,0 +1,146 @@
+"""The client API (elasticmoe.v1.MoEService) as plain async methods over the engine.
+
+Transport-free: the Ray Serve deployment (and tests) adapt these to gRPC. Every error a
+client can cause is an ApiError carrying its gRPC status code and a message that names
+the field and the allowed range; protobuf types stop here and never go deeper.
+"""
+from __future__ import annotations
+
+from typing import AsyncIterator, Callable
+
+import grpc
+from elasticmoe.v1 import serving_pb2
+from google.protobuf import unknown_fields
+
+from cluster.checkpoint.spec import ModelSpec
+from router_service.engine.engine import Engine
+from router_service.engine.scheduler import QueueFull
+from router_service.model.sampling import SamplingError, SamplingParams
+from router_service.model.tokenizer import Tokenizer
+from router_service.serving.dispatch import DispatchError
+
+DEFAULT_MAX_TOKENS = 16
+
+
+class ApiError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def invalid(message: str) -> ApiError:
+    return ApiError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def dispatch_failure(e: DispatchError) -> ApiError:
+    """What the client is told when the expert stage failed. UNAVAILABLE (no live replica: the
+    message names the experts) and DEADLINE_EXCEEDED pass through, and the SDK may retry the
+    first; anything else (a group refusing this router's secret or request) is the server's
+    fault, not the client's: INTERNAL."""
+    passed = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    return ApiError(e.code if e.code in passed else grpc.StatusCode.INTERNAL, str(e))
+
+
+class MoEApi:
+    def __init__(self, engine: Engine, spec: ModelSpec, tokenizer: Tokenizer | None,
+                 status: Callable[[], serving_pb2.StatusResponse] | None = None):
+        self.engine, self.spec, self.tokenizer = engine, spec, tokenizer
+        self._status = status or (lambda: serving_pb2.StatusResponse(serving=True))
+
+    # ---- validation at the edge ----
+
+    @staticmethod
+    def _known_fields_only(request, name: str) -> None:
+        """protobuf keeps fields it does not know, silently: a client built for a newer API would
+        believe a setting took effect. Refuse them instead, by number."""
+        numbers = sorted({f.field_number for f in unknown_fields.UnknownFieldSet(request)})
+        if numbers:
+            raise invalid(f"{name} has fields this server does not know (numbers {numbers}): it speaks "
+                          f"elasticmoe.v1 as in proto/elasticmoe/v1/serving.proto; is the client newer?")
+
+    def _token_ids(self, ids, field: str) -> list[int]:
+        ids = list(ids)
+        bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise invalid(f"{field} must be in [0, {self.spec.vocab_size - 1}], got {bad[0]}")
+        return ids
+
+    def _prompt(self, request: serving_pb2.GenerateRequest) -> list[int]:
+        if request.prompt and request.token_ids:
+            raise invalid("give exactly one of prompt and token_ids, not both")
+        if request.prompt:
+            if self.tokenizer is None:
+                raise invalid("prompt (text) needs a model with a tokenizer; this one takes token_ids only")
+            ids = self.tokenizer.encode(request.prompt)
+        else:
+            ids = self._token_ids(request.token_ids, "token_ids")
+        if not ids:
+            raise invalid("prompt is empty: give a non-empty prompt or token_ids")
+        return ids
+
+    def _params(self, request: serving_pb2.GenerateRequest, prompt_len: int) -> SamplingParams:
+        room = self.spec.max_position_embeddings - prompt_len
+        if room < 1:
+            raise invalid(f"prompt has {prompt_len} tokens; the context holds "
+                          f"{self.spec.max_position_embeddings}, leaving no room to generate")
+        limit = min(self.engine.config.max_new_tokens, room)
+        try:
+            return SamplingParams(
+                temperature=request.temperature if request.HasField("temperature") else 0.0,
+                top_p=request.top_p if request.HasField("top_p") else 1.0,
+                top_k=request.top_k,
+                max_tokens=request.max_tokens if request.HasField("max_tokens") else min(DEFAULT_MAX_TOKENS, limit),
+                seed=request.seed if request.HasField("seed") else None,
+                stop_token_ids=tuple(self._token_ids(request.stop_token_ids, "stop_token_ids")),
+                logprobs=request.logprobs,
+                max_tokens_limit=limit,
+            )
+        except SamplingError as e:
+            raise invalid(str(e)) from None
+
+    def validate_generate(self, request: serving_pb2.GenerateRequest) -> tuple[list[int], SamplingParams]:
+        """The prompt's token ids and the sampling settings, or ApiError(INVALID_ARGUMENT) naming the field."""
+        self._known_fields_only(request, "GenerateRequest")
+        prompt = self._prompt(request)
+        return prompt, self._params(request, len(prompt))
+
+    def validate_score(self, request: serving_pb2.ScoreRequest) -> list[int]:
+        self._known_fields_only(request, "ScoreRequest")
+        ids = self._token_ids(request.token_ids, "token_ids")
+        if len(ids) < 2:
+            raise invalid(f"token_ids must hold at least 2 tokens to score, got {len(ids)}")
+        if len(ids) > self.spec.max_position_embeddings:
+            raise invalid(f"token_ids has {len(ids)} tokens; the context holds {self.spec.max_position_embeddings}")
+        return ids
+
+    # ---- the three calls ----
+
+    async def generate(self, request: serving_pb2.GenerateRequest) -> AsyncIterator[serving_pb2.GenerateResponse]:
+        prompt, params = self.validate_generate(request)
+        emitted: list[int] = []
+        try:
+            async for event in self.engine.generate(prompt, params):
+                text = ""
+                if self.tokenizer is not None and event.token_ids:  # text that the new tokens complete
+                    before = self.tokenizer.decode(emitted)
+                    emitted += event.token_ids
+                    text = self.tokenizer.decode(emitted)[len(before):]
+                yield serving_pb2.GenerateResponse(token_ids=event.token_ids, text=text,
+                                                   logprobs=event.logprobs if params.logprobs else [],
+                                                   finish_reason=event.finish_reason or "")
+        except QueueFull as e:
+            raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+        except DispatchError as e:
+            raise dispatch_failure(e) from None
+
+    async def score(self, request: serving_pb2.ScoreRequest) -> serving_pb2.ScoreResponse:
+        ids = self.validate_score(request)
+        try:
+            return serving_pb2.ScoreResponse(logprobs=await self.engine.score(ids))
+        except QueueFull as e:
+            raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+        except DispatchError as e:
+            raise dispatch_failure(e) from None
+
+    def status(self, request: serving_pb2.StatusRequest | None = None) -> serving_pb2.StatusResponse:
+        return self._status()

@@ -1,0 +1,323 @@
+"""The router's remote expert stage: dispatch -> experts (on groups, over gRPC) -> combine.
+
+T = tokens in the step, k = experts per token, H = hidden, E = experts per layer.
+
+  ids [T, k] --placement--> group of every (token, j) pair [T, k]
+  for each group g with work, concurrently:
+      rows = tokens with a pair on g
+      Forward(hidden[rows], ids[rows] with other groups' pairs set to -1, weights[rows])
+  combine: out[rows] += partial_g                     -> [T, H]
+
+A group whose Forward fails (dead, or missing an expert after a placement change) is
+retried on another replica of each of its experts within the same deadline, and avoided
+for DOWN_S seconds; an expert with no live replica fails the layer with UNAVAILABLE
+naming the (layer, expert) pairs. A group that has not answered after slow_s
+(RouterConfig.forward_slow_s) is treated the same way when every pair it was sent has a
+replica elsewhere: its call is cancelled and the pairs move. Without another replica the
+router waits for it, up to the deadline: slow beats failed.
+
+An expert with several replicas splits its tokens by the table's shares: token t draws
+u = frac((t + 0.5) * golden ratio), a low-discrepancy sequence, and goes to the first
+replica whose cumulative share exceeds u. Deterministic, no RNG state, and even a
+decode step of a few tokens splits close to the shares.
+
+Every call also counts the (token, expert) pairs routed per expert (`take_load()`),
+which the router's telemetry reporter flushes to Redis for the autoscaler.
+The dense model calls this synchronously; the gRPC calls run on one asyncio loop in
+a background thread that owns the persistent channels (grpc.aio objects belong to
+the loop that made them).
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+import torch
+from elasticmoe.v1 import expert_pb2, expert_pb2_grpc
+
+from cluster.checkpoint.spec import ModelSpec
+from cluster.placement.table import PlacementTable
+from experts.credentials import ExpertCredentials, call_metadata, channel
+from experts.wire import GRPC_OPTIONS, decode, encode
+
+_GOLDEN = (5 ** 0.5 - 1) / 2
+DOWN_S = 2.0  # after a failed Forward, a group gets no traffic for this long when another replica exists
+# Failures another replica would repeat (a bad or oversized request, the router lacking the cluster secret, an
+# API the group does not have): fail the layer at once instead of marking groups down one after another.
+PERMANENT = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED)
+
+
+def _pad(values, width: int, fill) -> list:
+    return list(values) + [fill] * (width - len(values))
+
+
+class DispatchError(RuntimeError):
+    """A group failed its part of a layer; carries the group's address and the gRPC status."""
+
+    def __init__(self, address: str, code: grpc.StatusCode, details: str):
+        super().__init__(f"expert group {address} failed Forward: {code.name}: {details}")
+        self.address, self.code, self.details = address, code, details
+
+
+def _first_replica(routes: "_Routes", layer: int, ids, excluded) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every pair of ids [T, k]: its first replica on a group not in `excluded`, and whether
+    there is one ([T, k] each; the choice is meaningless where there is none)."""
+    candidates = routes.replica_groups[layer][ids]  # [T, k, R]
+    usable = torch.ones(candidates.shape, dtype=torch.bool)
+    for g in excluded:
+        usable &= candidates != g
+    choice = candidates.gather(-1, usable.float().argmax(dim=-1)[..., None]).squeeze(-1)
+    return choice, usable.any(dim=-1)
+
+
+@dataclass(frozen=True)
+class _Routes:
+    """A placement table compiled for lookups in the hot path."""
+
+    table: PlacementTable
+    replica_groups: dict[int, torch.Tensor]  # layer -> [E, R] group ids, padded by repeating the last
+    cumulative_shares: dict[int, torch.Tensor]  # layer -> [E, R] running sum of shares, padded with 1.0
+
+
+class RemoteExperts:
+    def __init__(self, spec: ModelSpec, table: PlacementTable, timeout_s: float = 30.0, on_forward=None,
+                 credentials: ExpertCredentials | None = None, slow_s: float = 2.0, on_stale=None):
+        table.validate(spec)
+        self.spec, self.timeout_s, self.slow_s = spec, timeout_s, slow_s
+        self._metadata = call_metadata(credentials)  # the cluster secret, on every call
+        self._credentials = credentials
+        self.on_forward = on_forward  # (group id, seconds, "ok" | "failed" | "slow") after every Forward: metrics
+        self.on_stale = on_stale  # a group says our placement is stale (FAILED_PRECONDITION): refresh it
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="expert-dispatch", daemon=True)
+        self._thread.start()
+        self._stubs: dict[str, expert_pb2_grpc.ExpertServiceStub] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._layer_index = {layer: i for i, layer in enumerate(spec.sparse_layers)}
+        self._load = torch.zeros(len(spec.sparse_layers), spec.num_experts, dtype=torch.int64)
+        self._load_lock = threading.Lock()
+        self._step_version: int | None = None  # the placement of the step in flight; None between steps
+        self._down: dict[str, float] = {}  # address -> until when it is avoided after a failed Forward
+        self.set_table(table)
+
+    def set_table(self, table: PlacementTable) -> None:
+        """Switch to a new placement at the next step boundary (any thread may call this).
+
+        The new routes are adopted when a step reaches its first MoE layer, so the layers
+        of one step never mix two placements; the old replicas stay loaded until drained.
+        """
+        table.validate(self.spec)
+        groups, cumulative = {}, {}
+        for layer in self.spec.sparse_layers:
+            slots = [(layer, e) for e in range(self.spec.num_experts)]
+            width = max(len(table.replicas[s]) for s in slots)
+            groups[layer] = torch.tensor([_pad(table.replicas[s], width, table.replicas[s][-1]) for s in slots])
+            running = [torch.tensor(table.shares_of(s), dtype=torch.float64).cumsum(0).tolist() for s in slots]
+            cumulative[layer] = torch.tensor([_pad(r[:-1] + [1.0], width, 1.0) for r in running])  # last = 1 exactly
+        self._run(self._connect(table.groups))
+        self._pending = _Routes(table, groups, cumulative)
+        if not hasattr(self, "_routes"):
+            self._routes = self._pending
+
+    @property
+    def table(self) -> PlacementTable:
+        """The placement steps use now."""
+        return self._routes.table
+
+    @property
+    def latest_table(self) -> PlacementTable:
+        """The newest placement handed over: what the next step uses. Health and Status go by it,
+        so an idle router reports the placement it will serve by, not the one it last used."""
+        return self._pending.table
+
+    @property
+    def pending_version(self) -> int:
+        """The newest placement handed over (in use, or waiting for the next step)."""
+        return self._pending.table.version
+
+    @property
+    def version_in_use(self) -> int:
+        """The oldest placement a step may still use: the in-flight step's, else the pending one.
+        Once every router reports a version >= v, nothing routes by an older table any more."""
+        step = self._step_version
+        return step if step is not None else self.pending_version
+
+    def take_load(self) -> dict[tuple[int, int], int]:
+        """(layer, expert) -> pairs routed since the last call (non-zero entries only)."""
+        with self._load_lock:
+            load, self._load = self._load, torch.zeros_like(self._load)
+        nonzero = load.nonzero().tolist()
+        return {(self.spec.sparse_layers[i], e): int(load[i, e]) for i, e in nonzero}
+
+    async def _connect(self, addresses) -> None:
+        for address in addresses:
+            if address not in self._channels:
+                self._channels[address] = channel(address, self._credentials, GRPC_OPTIONS)
+                self._stubs[address] = expert_pb2_grpc.ExpertServiceStub(self._channels[address])
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H], ids [T, k], weights [T, k] -> sum of weighted expert outputs [T, H]."""
+        if layer == self.spec.sparse_layers[0]:
+            self._routes = self._pending  # a step boundary
+            self._step_version = self._routes.table.version
+        routed = torch.bincount(ids.flatten(), minlength=self.spec.num_experts)
+        with self._load_lock:
+            self._load[self._layer_index[layer]] += routed
+        try:
+            out = self._run(self._forward(self._routes, layer, x, ids, weights))
+        except BaseException:
+            self._step_version = None  # the step is over: the engine fails its sequences
+            raise
+        if layer == self.spec.sparse_layers[-1]:
+            self._step_version = None
+        return out
+
+    async def _forward(self, routes: _Routes, layer, x, ids, weights) -> torch.Tensor:
+        num_tokens = ids.shape[0]
+        u = ((torch.arange(num_tokens, dtype=torch.float64) + 0.5) * _GOLDEN) % 1.0  # [T] in (0, 1)
+        cumulative = routes.cumulative_shares[layer][ids]  # [T, k, R]
+        replica = (cumulative <= u[:, None, None]).sum(-1).clamp(max=cumulative.shape[-1] - 1)  # [T, k]
+        pending = routes.replica_groups[layer][ids, replica]  # [T, k] group of each pair; -1 = done
+        pending = self._avoid_down(routes, layer, ids, pending)
+        out = torch.zeros_like(x)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        failed: dict[int, DispatchError] = {}  # groups that failed this layer, and how
+        while True:
+            parts = {}  # task -> (group, rows, mine)
+            for g in torch.unique(pending[pending >= 0]).tolist():
+                mine = pending == g  # [T, k]
+                rows = mine.any(dim=1).nonzero().squeeze(1)  # tokens with at least one pair on g
+                sub_ids = torch.where(mine[rows], ids[rows], -1).to(torch.int32)
+                request = expert_pb2.ForwardRequest(layer=layer, hidden=encode(x[rows]), expert_ids=encode(sub_ids),
+                                                    weights=encode(weights[rows].to(torch.float32)),
+                                                    placement_version=routes.table.version)
+                call = self._call(g, routes.table.groups[g], request, max(0.001, deadline - loop.time()))
+                parts[asyncio.ensure_future(call)] = (g, rows, mine)
+            retry = torch.full_like(pending, -1)
+            done, waiting = await asyncio.wait(parts, timeout=max(0.0, min(self.slow_s, deadline - loop.time())))
+            if waiting:
+                # Slower than slow_s: where every pair of the part has a replica on a group that is
+                # neither failed nor slow itself, give up on the group and move them; else keep
+                # waiting (the call's own timeout is the deadline).
+                slow = {parts[t][0]: DispatchError(routes.table.groups[parts[t][0]], grpc.StatusCode.DEADLINE_EXCEEDED,
+                                                   f"no answer within forward_slow_s={self.slow_s} s") for t in waiting}
+                keep = set()
+                for task in waiting:
+                    g, rows, mine = parts[task]
+                    moved = self._alternative(routes, layer, ids, mine, {**failed, **slow}, strict=False)
+                    if moved is None:
+                        keep.add(task)
+                        continue
+                    task.cancel()
+                    failed[g] = slow[g]
+                    self._mark_down(routes.table.groups[g])
+                    self._observe(g, self.slow_s, "slow")
+                    retry[mine] = moved[mine]
+                if keep:
+                    done |= (await asyncio.wait(keep))[0]
+            errors = {task: task.exception() for task in done}  # every one read, so none goes unretrieved
+            permanent = [e for e in errors.values() if isinstance(e, DispatchError) and e.code in PERMANENT]
+            other = [e for e in errors.values() if e is not None and not isinstance(e, DispatchError)]
+            if permanent or other:
+                raise (permanent or other)[0]
+            for task, error in errors.items():
+                g, rows, mine = parts[task]
+                if error is not None:
+                    # the group is gone or out of date: its pairs go to another replica
+                    failed[g] = error
+                    self._mark_down(routes.table.groups[g])
+                    if error.code == grpc.StatusCode.FAILED_PRECONDITION and self.on_stale is not None:
+                        self.on_stale()  # our placement is older than the group's slots: fetch the new one
+            for task, error in errors.items():
+                g, rows, mine = parts[task]
+                if error is not None:
+                    retry[mine] = self._alternative(routes, layer, ids, mine, failed)[mine]
+                else:
+                    out.index_add_(0, rows, task.result().to(x.dtype))
+            if (retry < 0).all():
+                return out
+            if loop.time() >= deadline:
+                raise DispatchError(", ".join(routes.table.groups[g] for g in failed), grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    f"layer {layer}: no replica answered within {self.timeout_s} s")
+            pending = retry
+
+    def _alternative(self, routes: _Routes, layer: int, ids, mine, failed: dict, strict: bool = True):
+        """For the pairs in `mine`, the first replica on a group not in `failed` [T, k]. When some
+        pair has none left: with strict, raise UNAVAILABLE naming those (layer, expert) pairs;
+        else return None."""
+        choice, has = _first_replica(routes, layer, ids, failed)
+        stranded = mine & ~has
+        if stranded.any():
+            if not strict:
+                return None
+            experts = sorted(set(ids[stranded].tolist()))
+            why = "; ".join(f"{e.address}: {e.code.name}: {e.details}" for e in failed.values())
+            raise DispatchError(", ".join(sorted({e.address for e in failed.values()})), grpc.StatusCode.UNAVAILABLE,
+                                f"no live replica of (layer, expert) {', '.join(f'({layer}, {e})' for e in experts)}"
+                                f" ({why})")
+        return choice
+
+    def _mark_down(self, address: str) -> None:
+        self._down[address] = time.monotonic() + DOWN_S
+
+    def _avoid_down(self, routes: _Routes, layer: int, ids, pending) -> torch.Tensor:
+        """Pairs routed to a group that failed in the last DOWN_S seconds go to another replica
+        when one exists, so one dead group does not cost every step a failed call."""
+        now = time.monotonic()
+        down = [g for g, a in enumerate(routes.table.groups) if self._down.get(a, 0) > now]
+        if not down:
+            return pending
+        hit = torch.zeros_like(pending, dtype=torch.bool)
+        for g in down:
+            hit |= pending == g
+        if not hit.any():
+            return pending
+        choice, has = _first_replica(routes, layer, ids, down)
+        return torch.where(hit & has, choice, pending)  # no other replica: try the group anyway
+
+    async def _call(self, group: int, address: str, request, timeout_s: float) -> torch.Tensor:
+        start = time.perf_counter()
+        try:
+            response = await self._stubs[address].Forward(request, timeout=timeout_s, metadata=self._metadata)
+        except grpc.aio.AioRpcError as e:
+            self._observe(group, time.perf_counter() - start, "failed")
+            raise DispatchError(address, e.code(), e.details()) from None
+        self._observe(group, time.perf_counter() - start, "ok")
+        return decode(response.output, "output")
+
+    def _observe(self, group: int, seconds: float, outcome: str) -> None:
+        if self.on_forward is not None:
+            self.on_forward(group, seconds, outcome)
+
+    def group_stats(self, timeout_s: float = 1.0) -> dict[str, expert_pb2.StatsResponse | None]:
+        """Stats of every group in the latest placement; None for a group that did not answer in time."""
+        addresses = list(self.latest_table.groups)
+
+        async def ask(address):
+            try:
+                return await self._stubs[address].Stats(expert_pb2.StatsRequest(), timeout=timeout_s,
+                                                        metadata=self._metadata)
+            except grpc.aio.AioRpcError:
+                return None
+
+        async def ask_all():
+            return await asyncio.gather(*(ask(a) for a in addresses))
+
+        return dict(zip(addresses, self._run(ask_all())))
+
+    def close(self) -> None:
+        async def _close():
+            for ch in self._channels.values():
+                await ch.close()
+
+        self._run(_close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)

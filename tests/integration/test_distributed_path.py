@@ -1,0 +1,156 @@
+"""The model served across processes' worth of gRPC equals the in-process reference.
+
+Dense part in this process (as the router will run it), experts in expert-group gRPC
+servers over loopback, placed round-robin over 1, 2 and 3 groups, for each family.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cluster.checkpoint.reader import Checkpoint
+from cluster.placement.table import PlacementTable
+from helpers.groups import Groups, distributed_model
+from router_service.model.dense import DenseModel
+from router_service.model.reference import ReferenceModel
+from router_service.serving.dispatch import DispatchError, RemoteExperts
+
+
+@pytest.mark.parametrize("num_groups", [1, 2, 3])
+def test_greedy_tokens_and_logits_equal_reference(hf_checkpoint, num_groups):
+    _, path, _ = hf_checkpoint
+    reference = ReferenceModel.from_pretrained(path)
+    model, remote, groups, ckpt = distributed_model(path, num_groups)
+    try:
+        assert ckpt.loaded_bytes < reference.loaded_bytes  # the router side holds no expert
+        ids = torch.randint(0, ckpt.spec.vocab_size, (2, 11), generator=torch.Generator().manual_seed(5))
+        assert (model(ids) - reference(ids)).abs().max().item() <= 1e-4
+        prompt = ids[0, :6].tolist()
+        assert model.generate_greedy(prompt, 10) == reference.generate_greedy(prompt, 10)
+    finally:
+        remote.close()
+        groups.close()
+
+
+def test_replicas_share_an_experts_tokens(tiny_checkpoint):
+    """Every expert on both groups: tokens alternate between replicas, the sum is unchanged."""
+    ckpt = Checkpoint(tiny_checkpoint)
+    everything = [(l, e) for l in ckpt.spec.sparse_layers for e in range(ckpt.spec.num_experts)]
+    groups = Groups(tiny_checkpoint, [everything, everything])
+    table = PlacementTable(2, tuple(groups.addresses), {slot: (0, 1) for slot in everything})
+    remote = RemoteExperts(ckpt.spec, table)
+    try:
+        reference = ReferenceModel.from_pretrained(tiny_checkpoint)
+        model = ReferenceModel(DenseModel(ckpt.spec, ckpt.load_dense()), remote)
+        ids = torch.randint(0, ckpt.spec.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
+        assert (model(ids) - reference(ids)).abs().max().item() <= 1e-4
+    finally:
+        remote.close()
+        groups.close()
+
+
+def test_group_that_lacks_an_expert_is_a_clear_error(tiny_checkpoint):
+    """A placement that disagrees with what a group holds fails with the group's status."""
+    ckpt = Checkpoint(tiny_checkpoint)
+    groups = Groups(tiny_checkpoint, [[(0, 0)]])
+    table = PlacementTable.round_robin(ckpt.spec, groups.addresses)  # claims group 0 holds everything
+    stale = []
+    remote = RemoteExperts(ckpt.spec, table, on_stale=lambda: stale.append(1))
+    try:
+        x = torch.randn(3, ckpt.spec.hidden_size)
+        ids = torch.tensor([[0, 1], [0, 2], [3, 0]])
+        with pytest.raises(DispatchError, match="FAILED_PRECONDITION") as err:
+            remote(0, x, ids, torch.full((3, 2), 0.5))
+        assert err.value.address == groups.addresses[0]
+        assert stale  # the router was told to fetch the placement now
+    finally:
+        remote.close()
+        groups.close()
+
+
+def test_stale_placement_is_served_by_another_replica_and_refreshed(tiny_checkpoint):
+    """Group 0 dropped most of its experts (a newer placement); a router still on the old table
+    gets FAILED_PRECONDITION from it, asks for the new placement, and gets the answer from the
+    other replica: the same output as the reference experts, no error."""
+    ckpt = Checkpoint(tiny_checkpoint)
+    everything = [(l, e) for l in ckpt.spec.sparse_layers for e in range(ckpt.spec.num_experts)]
+    groups = Groups(tiny_checkpoint, [[(0, 0)], everything])
+    old = PlacementTable(1, tuple(groups.addresses), {slot: (0, 1) for slot in everything})
+    stale = []
+    remote = RemoteExperts(ckpt.spec, old, on_stale=lambda: stale.append(1))
+    try:
+        reference = ReferenceModel.from_pretrained(tiny_checkpoint)
+        layer = ckpt.spec.sparse_layers[0]
+        x, ids, w = torch.randn(6, ckpt.spec.hidden_size), torch.tensor([[0, 1], [2, 3], [4, 5]] * 2), torch.rand(6, 2)
+        got = remote(layer, x, ids, w)
+        torch.testing.assert_close(got, reference.experts(layer, x, ids, w), atol=1e-5, rtol=1e-5)
+        assert stale
+    finally:
+        remote.close()
+        groups.close()
+
+
+def test_new_placement_is_adopted_at_a_step_boundary(tiny_checkpoint):
+    ckpt = Checkpoint(tiny_checkpoint)
+    everything = [(l, e) for l in ckpt.spec.sparse_layers for e in range(ckpt.spec.num_experts)]
+    groups = Groups(tiny_checkpoint, [everything, everything])
+    first = PlacementTable.round_robin(ckpt.spec, [groups.addresses[0]])
+    second = PlacementTable.round_robin(ckpt.spec, [groups.addresses[1]], version=2)
+    remote = RemoteExperts(ckpt.spec, first)
+    try:
+        x, ids, w = torch.randn(2, ckpt.spec.hidden_size), torch.tensor([[0, 1], [2, 3]]), torch.full((2, 2), 0.5)
+        last_layer = ckpt.spec.sparse_layers[-1]
+        remote(ckpt.spec.sparse_layers[0], x, ids, w)
+        remote.set_table(second)
+        remote(last_layer, x, ids, w)  # mid-step: still the old placement
+        assert remote.table.version == 1
+        remote(ckpt.spec.sparse_layers[0], x, ids, w)  # next step
+        assert remote.table.version == 2
+    finally:
+        remote.close()
+        groups.close()
+
+
+def test_tokens_split_by_shares_and_routed_load_is_counted(tiny_checkpoint):
+    """Expert 0 of layer 0 on both groups with shares 0.2 / 0.8; expert 1 with shares 0 / 1."""
+    ckpt = Checkpoint(tiny_checkpoint)
+    everything = [(l, e) for l in ckpt.spec.sparse_layers for e in range(ckpt.spec.num_experts)]
+    groups = Groups(tiny_checkpoint, [everything, everything])
+    layer = ckpt.spec.sparse_layers[0]
+    table = PlacementTable(1, tuple(groups.addresses), {slot: (0, 1) for slot in everything},
+                           {(layer, 0): (0.2, 0.8), (layer, 1): (0.0, 1.0)})
+    remote = RemoteExperts(ckpt.spec, table)
+    try:
+        T = 500
+        ids = torch.tensor([[0, 1]] * T)
+        remote(layer, torch.randn(T, ckpt.spec.hidden_size), ids, torch.full((T, 2), 0.5))
+        stats = remote.group_stats()
+        served = [{(s.slot.layer, s.slot.expert): s.tokens for s in stats[a].slots} for a in groups.addresses]
+        assert served[0][(layer, 0)] + served[1][(layer, 0)] == T
+        assert abs(served[0][(layer, 0)] / T - 0.2) < 0.01  # low-discrepancy split: close even for few tokens
+        assert served[0].get((layer, 1), 0) == 0 and served[1][(layer, 1)] == T  # a zero share gets nothing
+        assert remote.take_load() == {(layer, 0): T, (layer, 1): T}
+        assert remote.take_load() == {}  # taken: counts restart
+    finally:
+        remote.close()
+        groups.close()
+
+
+def test_version_in_use_covers_the_step_in_flight(tiny_checkpoint):
+    """A router reports the oldest placement a step may still route by, so the autoscaler
+    unloads an old replica only once no step uses it."""
+    ckpt = Checkpoint(tiny_checkpoint)
+    everything = [(l, e) for l in ckpt.spec.sparse_layers for e in range(ckpt.spec.num_experts)]
+    groups = Groups(tiny_checkpoint, [everything])
+    remote = RemoteExperts(ckpt.spec, PlacementTable.round_robin(ckpt.spec, groups.addresses))
+    try:
+        x, ids, w = torch.randn(2, ckpt.spec.hidden_size), torch.tensor([[0, 1], [2, 3]]), torch.full((2, 2), 0.5)
+        first, last = ckpt.spec.sparse_layers[0], ckpt.spec.sparse_layers[-1]
+        remote(first, x, ids, w)
+        remote.set_table(PlacementTable.round_robin(ckpt.spec, groups.addresses, version=2))
+        assert remote.version_in_use == 1  # a step on v1 is in flight
+        remote(last, x, ids, w)
+        assert remote.version_in_use == 2  # between steps: the next step takes v2
+    finally:
+        remote.close()
+        groups.close()

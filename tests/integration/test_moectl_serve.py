@@ -1,0 +1,52 @@
+"""`moectl serve` as a user runs it: foreground process, a client from outside, Ctrl-C."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from cluster.state.redis_server import free_port
+from router_service.client import MoEClient
+from router_service.model.reference import ReferenceModel
+
+READY = "serving elasticmoe.v1.MoEService"
+
+
+def test_serve_generate_status_then_ctrl_c(tiny_checkpoint, tmp_path):
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--checkpoint", str(tiny_checkpoint),
+                             "--groups", "2", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                            env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 180
+        while READY not in (tmp_path / "serve.log").read_text():
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "moectl serve did not become ready in 180 s"
+            time.sleep(0.5)
+        prompt = [7, 8, 9, 10]
+        expected = ReferenceModel.from_pretrained(tiny_checkpoint).generate_greedy(prompt, 5)
+        expected = expected[: expected.index(1)] if 1 in expected else expected  # </s> stops
+        with MoEClient(f"127.0.0.1:{port}", timeout_s=60) as client:
+            assert client.generate(prompt, max_tokens=5).token_ids == expected
+        status = subprocess.run([sys.executable, "-m", "cluster.cli", "status", "--address", f"127.0.0.1:{port}"],
+                                capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0 and "placement v1" in status.stdout and "layer   1:" in status.stdout
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            code = proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    text = (tmp_path / "serve.log").read_text()
+    assert code == 0, text[-3000:]
+    assert "embedded redis-server pid" in text and "stopped" in text
+
+
+def test_serve_refuses_a_bad_checkpoint_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "cluster.cli", "serve", "--checkpoint", str(tmp_path / "none")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr

@@ -1,0 +1,92 @@
+"""Telemetry in Redis (real redis-server): router load buckets, group buckets, heartbeats,
+bounded memory (TTL), and a router reporter that survives Redis going away and coming back."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from cluster.state.redis_server import EmbeddedRedis
+from cluster.state.store import ClusterState
+from cluster.state.telemetry import BUCKET_S, TTL_S, Telemetry
+from router_service.serving.telemetry_reporter import TelemetryReporter
+
+
+@pytest.fixture(scope="module")
+def server():
+    with EmbeddedRedis() as s:
+        yield s
+
+
+@pytest.fixture
+def telemetry(server, request):
+    state = ClusterState(server.url, namespace=f"t{abs(hash(request.node.name))}")
+    yield Telemetry(state)
+    state.close()
+
+
+def test_router_load_sums_over_routers_within_the_window(telemetry):
+    now = 1_000_000.0
+    telemetry.record_router("r1", {(1, 0): 5, (1, 3): 2}, version=4, now=now - 2 * BUCKET_S)
+    telemetry.record_router("r2", {(1, 0): 7}, version=4, now=now)
+    telemetry.record_router("r1", {(3, 1): 1}, version=4, now=now - 30 * BUCKET_S)  # outside a 5 s window
+    assert telemetry.expert_load(5.0, now=now) == {(1, 0): 12, (1, 3): 2}
+    assert telemetry.expert_load(60.0, now=now) == {(1, 0): 12, (1, 3): 2, (3, 1): 1}
+    key = f"{telemetry.state.namespace}:load:{int(now // BUCKET_S)}"
+    assert 0 < telemetry.client.ttl(key) <= TTL_S  # memory stays bounded
+
+
+def test_group_load_and_router_heartbeats(telemetry):
+    now = time.time()
+    telemetry.record_group("g0", {(0, 1): 10}, busy_s=0.25, calls=3, queue_depth=2, now=now - 1)
+    telemetry.record_group("g0", {(0, 1): 4, (0, 2): 1}, busy_s=0.5, calls=1, queue_depth=0, now=now)
+    telemetry.record_group("g1", {}, busy_s=0.0, calls=0, queue_depth=0, now=now)
+    g = telemetry.group_load(5.0, now=now)
+    assert g["g0"]["tokens"] == {(0, 1): 14, (0, 2): 1}
+    assert g["g0"]["busy_s"] == pytest.approx(0.75) and g["g0"]["calls"] == 4 and g["g0"]["queue_depth"] == 2
+    assert g["g1"]["busy_s"] == 0.0
+
+    telemetry.record_router("alive", {}, version=7, metrics="127.0.0.1:9100", now=now)
+    telemetry.record_router("silent", {}, version=3, now=now - 10)
+    telemetry.record_router("gone", {}, version=2, now=now - 1000)
+    routers = telemetry.routers(max_age_s=5.0, now=now)
+    assert set(routers) == {"alive"} and routers["alive"]["version"] == 7
+    assert set(telemetry.client.hkeys(telemetry.routers_key)) == {"alive", "silent"}  # long-dead entries deleted
+
+
+class _Experts:
+    """Stands in for RemoteExperts: the reporter only takes its load and version."""
+
+    def __init__(self):
+        self.version_in_use, self.pending = 1, {(0, 0): 3}
+
+    def take_load(self):
+        load, self.pending = self.pending, {}
+        return load
+
+
+def test_reporter_drops_while_redis_is_down_and_resumes():
+    redis1 = EmbeddedRedis()
+    state = ClusterState(redis1.url, "rep")
+    experts = _Experts()
+    reporter = TelemetryReporter(experts, Telemetry(state), flush_s=3600, router_id="r")  # flushed by hand
+    try:
+        assert reporter.flush()
+        assert Telemetry(state).expert_load(5.0) == {(0, 0): 3}
+        port = redis1.port
+        redis1.stop()
+        experts.pending = {(0, 1): 2}
+        assert not reporter.flush()  # dropped, counted, nothing raised
+        assert reporter.dropped == 1
+        redis2 = EmbeddedRedis(port=port)  # back where the client looks
+        try:
+            experts.pending = {(0, 2): 1}
+            assert reporter.flush()
+            assert Telemetry(state).expert_load(5.0) == {(0, 2): 1}  # a fresh server: the dropped batch is gone
+            assert reporter.flushes == 2
+        finally:
+            reporter.close()
+            redis2.stop()
+    finally:
+        state.close()
+        redis1.stop()

@@ -34,11 +34,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from cluster.cli.placement_cmd import TableShape
 from cluster.control.autoscaler import HOLD, REBALANCE, Autoscaler, Observation
 from cluster.control.autoscaler_config import AutoscalerConfig
 from cluster.placement.planner import Placement, plan, round_robin
-from cluster.placement.table import PlacementTable
+from cluster.placement.table import PlacementTable, TableShape
 
 GPUS_RANGE = (64, 256)
 
@@ -407,7 +406,7 @@ def header(c: SimConfig) -> str:
         f"{a.sustain_s:g} s, cooldown {a.cooldown_s:g} s (overrides: {overrides})",
         f"baseline    static {c.baseline} placement, never changed"
         + (" (expert e on GPU e % G)" if c.baseline == "round-robin" else " (planned for the t=0 trace)")
-        + f"; the elastic one starts from round-robin",
+        + "; the elastic one starts from round-robin",
         f"time        {c.duration_s:g} s in steps of {c.dt_s:g} s",
     ])
 

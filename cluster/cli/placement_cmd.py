@@ -11,10 +11,11 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from cluster.placement.table import TableShape
 
 SERVE_FILE = Path(os.environ.get("ELASTICMOE_HOME", Path.home() / ".elasticmoe")) / "serve.json"
 SHADES = " .:-=+*#%@"  # load heatmap: blank = no load, @ = the hottest expert
@@ -50,18 +51,6 @@ def _state(args):
         state.close()
         raise
     return state
-
-
-@dataclass(frozen=True)
-class TableShape:
-    """The model shape a placement table implies, for the planner (no checkpoint needed here)."""
-
-    sparse_layers: tuple[int, ...]
-    num_experts: int
-
-    @classmethod
-    def of(cls, table) -> "TableShape":
-        return cls(tuple(sorted({l for l, _ in table.replicas})), 1 + max(e for _, e in table.replicas))
 
 
 def _load(state, shape: TableShape, window_s: float) -> np.ndarray:

@@ -116,3 +116,15 @@ class PlacementTable:
             if len(row) > 3:
                 shares[(l, e)] = tuple(float(s) for s in row[3])
         return cls(d["version"], tuple(d["groups"]), replicas, shares)
+
+
+@dataclass(frozen=True)
+class TableShape:
+    """The model shape a placement table implies, for the planner (no checkpoint needed here)."""
+
+    sparse_layers: tuple[int, ...]
+    num_experts: int
+
+    @classmethod
+    def of(cls, table) -> "TableShape":
+        return cls(tuple(sorted({l for l, _ in table.replicas})), 1 + max(e for _, e in table.replicas))

@@ -4,10 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cluster.cli.placement_cmd import TableShape
 from cluster.control.autoscaler import ADD_GROUP, HOLD, REBALANCE, REMOVE_GROUP, Autoscaler, Observation
 from cluster.control.autoscaler_config import AutoscalerConfig
-from cluster.placement.table import PlacementTable
+from cluster.placement.table import PlacementTable, TableShape
 
 SHAPE = TableShape(sparse_layers=(0, 1), num_experts=8)
 

@@ -1,13 +1,17 @@
 """The router's engine: a step loop on its own thread, fed by asyncio callers.
 
-    step():  batch = scheduler.schedule()                        observe
-             logits = dense.forward(new tokens, experts)          compute (experts over gRPC)
-             sample / score, emit events, retire finished ones    apply
+    step():  batch = scheduler.schedule()                         which sequences, how many tokens
+             out = runner.run(batch)                              one forward over the KV pool
+             postprocess: append, stop, emit, free finished ones  per sequence, isolated
 
 Callers (the gRPC servicer, tests) use `generate` / `score` from any asyncio loop; the
 engine thread hands events back with loop.call_soon_threadsafe. The step runs on a
 plain thread because the forward pass is blocking torch work and must not stall the
 event loop that serves clients.
+
+Memory: the KV pool is allocated once (EngineConfig.kv_cache_bytes), sequences hold blocks of
+it, and the scheduler preempts rather than grow it; a request that could never fit in the
+whole pool is refused at submit (RequestTooLarge) instead of waiting forever.
 """
 from __future__ import annotations
 
@@ -17,28 +21,39 @@ import threading
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-import torch
-
-from router_service.engine.scheduler import Scheduler, SchedulerConfig
+from router_service.engine.block_manager import BlockManager
+from router_service.engine.config import EngineConfig, RequestTooLarge, kv_pool
+from router_service.engine.runner import ModelRunner, StepOutput
+from router_service.engine.scheduler import Scheduler
 from router_service.engine.sequence import Event, Sequence
-from router_service.model.dense import DenseModel, ExpertsFn, Segment
-from router_service.model.sampling import SamplingParams, make_generator, sample
+from router_service.model.dense import DenseModel, ExpertsFn
+from router_service.model.sampling import SamplingParams, make_generator
 
 log = logging.getLogger(__name__)
 
+__all__ = ["Engine", "EngineConfig", "RequestTooLarge", "KVStats"]
+
 
 @dataclass(frozen=True)
-class EngineConfig:
-    scheduler: SchedulerConfig = SchedulerConfig()
-    max_new_tokens: int = 4096  # cap on a request's max_tokens
-    stop_at_eos: bool = True  # the model's eos token ends generation (finish_reason "stop")
+class KVStats:
+    block_size: int
+    blocks_total: int
+    blocks_used: int
+    preemptions: int  # since start
+    pool_bytes: int
 
 
 class Engine:
     def __init__(self, dense: DenseModel, experts: ExpertsFn, config: EngineConfig = EngineConfig()):
         self.dense, self.experts, self.config = dense, experts, config
         self.spec = dense.spec
-        self.scheduler = Scheduler(config.scheduler)
+        self.pool = kv_pool(dense, config)
+        self.blocks = BlockManager(self.pool.num_blocks, self.pool.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.blocks)
+        self.runner = ModelRunner(dense, experts, self.pool)
+        log.info("engine: KV pool of %d blocks x %d tokens (%.1f MiB, %s on %s): %d tokens at once",
+                 self.pool.num_blocks, self.pool.block_size, self.pool.num_bytes / 2**20, dense.dtype, dense.device,
+                 self.pool.num_blocks * self.pool.block_size)
         self._wake = threading.Condition()
         self._stopping = False
         self.steps = 0
@@ -47,9 +62,25 @@ class Engine:
 
     # ---- callers (any thread / event loop) ----
 
+    def kv_stats(self) -> KVStats:
+        return KVStats(self.pool.block_size, self.blocks.num_blocks, self.blocks.num_used,
+                       self.scheduler.num_preemptions, self.pool.num_bytes)
+
+    def check_fits(self, num_tokens: int, what: str) -> None:
+        """Refuse a request whose KV could never fit in the whole pool (it would wait forever)."""
+        capacity = self.pool.num_blocks * self.pool.block_size
+        if self.blocks.blocks_for(num_tokens) > self.pool.num_blocks:
+            raise RequestTooLarge(f"{what} needs {num_tokens} tokens of KV cache; this router's pool holds "
+                                  f"{capacity} ({self.pool.num_blocks} blocks of {self.pool.block_size}): "
+                                  f"ask for fewer tokens, or raise kv_cache_bytes")
+
     def submit(self, prompt: list[int], params: SamplingParams, emit, score_only: bool = False) -> Sequence:
-        """Queue a request; raises scheduler.QueueFull at the bound. `emit` gets Events on the engine thread."""
-        seq = Sequence(list(prompt), params, make_generator(params.seed), self.dense.new_cache(), emit, score_only)
+        """Queue a request; raises scheduler.QueueFull at the bound and RequestTooLarge when it
+        can never fit. `emit` gets Events on the engine thread."""
+        self.check_fits(len(prompt) + (0 if score_only else params.max_tokens),
+                        "the input" if score_only else f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens})")
+        generator = None if params.greedy else make_generator(params.seed)
+        seq = Sequence(list(prompt), params, generator, emit, score_only)
         with self._wake:
             self.scheduler.add(seq)
             self._wake.notify()
@@ -68,7 +99,7 @@ class Engine:
                 if event.finish_reason is not None:
                     return
         finally:
-            seq.cancelled = True  # a client that went away frees its slot at the next step
+            seq.cancelled = True  # a client that went away frees its blocks at the next step
 
     async def score(self, token_ids: list[int]) -> list[float]:
         """log p(token_i | tokens before it) for i = 1..n-1."""
@@ -106,56 +137,51 @@ class Engine:
             if not batch:
                 continue
             try:
-                self._step(batch)
-            except Exception as e:  # a failed step fails its requests, never the engine
+                out = self.runner.run(batch)
+            except Exception as e:  # the forward failed (an expert group, say): it fails its batch, never the engine
                 log.exception("step %d failed for %d sequences", self.steps, len(batch))
                 with self._wake:
                     for seq, _ in batch:
-                        if seq in self.scheduler.running:
-                            self.scheduler.finish(seq)
-                        seq.emit(Event([], [], error=e))
+                        self._fail(seq, e)
+                continue
+            self.steps += 1
+            with self._wake:
+                for i, (seq, _) in enumerate(batch):
+                    try:
+                        self._postprocess(seq, out, i)
+                    except Exception as e:  # one sequence's failure is its own, never its neighbours'
+                        log.exception("sequence %d failed after step %d", seq.id, self.steps)
+                        self._fail(seq, e)
 
-    @torch.inference_mode()
-    def _step(self, batch: list[tuple[Sequence, int]]) -> None:
-        input_ids = torch.tensor([t for seq, n in batch for t in seq.next_tokens(n)])
-        ends = torch.tensor([n for _, n in batch]).cumsum(0)  # [B] row after each segment
-        scoring = [i for i, (seq, _) in enumerate(batch) if seq.score_only]
-        rows = torch.cat([torch.arange(ends[i] - batch[i][1], ends[i]) for i in scoring] + [ends - 1])
-        logits = self.dense.forward(input_ids, [Segment(seq.cache, n) for seq, n in batch], self.experts, rows)
-        self.steps += 1
-        offset = 0
-        for i in scoring:  # rows of each scored chunk come first, in order
-            seq, n = batch[i]
-            logp = torch.log_softmax(logits[offset: offset + n].float(), dim=-1)
-            start = seq.computed - n  # forward advanced the cache
-            targets = torch.tensor(seq.prompt[start + 1: start + n + 1])
-            seq.scores += logp[: len(targets)].gather(1, targets[:, None]).squeeze(1).tolist()
-            offset += n
-        last = logits[offset:]  # [B, V] the last row of every segment
-        ready = [i for i, (seq, _) in enumerate(batch) if not seq.prefilling and not seq.score_only]
-        if ready:
-            tokens, logprobs = sample(last[ready].float(), [batch[i][0].params for i in ready],
-                                      [batch[i][0].generator for i in ready])
-        with self._wake:
-            for j, i in enumerate(ready):
-                self._append(batch[i][0], int(tokens[j]), float(logprobs[j]))
-            for i in scoring:
-                seq = batch[i][0]
-                if not seq.prefilling:
-                    self.scheduler.finish(seq)
-                    seq.emit(Event([], seq.scores, "stop"))
+    def _postprocess(self, seq: Sequence, out: StepOutput, i: int) -> None:
+        if seq.finished:
+            return
+        if seq.score_only:
+            seq.scores += out.scores[i]
+            if seq.num_pending == 0:
+                self.scheduler.finish(seq)
+                seq.emit(Event([], seq.scores, "stop"))
+        elif out.tokens[i] is not None:
+            self._append(seq, out.tokens[i], out.logprobs[i])
 
-    def _append(self, seq: Sequence, token: int, logprob: float) -> None:
-        stop = token in seq.params.stop_token_ids or (self.config.stop_at_eos and token == self.spec.eos_token_id)
+    def _append(self, seq: Sequence, token: int, logprob: float | None) -> None:
+        params = seq.params
+        stop = token in params.stop_set or (self.config.stop_at_eos and token == self.spec.eos_token_id)
         if stop:
             reason = "stop"
         else:
             seq.output.append(token)
             full = seq.length >= self.spec.max_position_embeddings
-            reason = "length" if len(seq.output) >= seq.params.max_tokens or full else None
+            reason = "length" if len(seq.output) >= params.max_tokens or full else None
         if reason is not None:
             self.scheduler.finish(seq)
-        seq.emit(Event([] if stop else [token], [] if stop else [logprob], reason))
+        seq.emit(Event([] if stop else [token], [] if stop or logprob is None else [logprob], reason))
+
+    def _fail(self, seq: Sequence, error: BaseException) -> None:
+        if seq in self.scheduler.running:
+            self.scheduler.finish(seq)
+        seq.finished = True
+        seq.emit(Event([], [], error=error))
 
 
 def _emitter(queue: asyncio.Queue):

@@ -1,15 +1,24 @@
-"""Continuous batching: which sequences run in the next step, and how many tokens each.
+"""Continuous batching with admission by KV blocks: which sequences run in the next step, and
+how many tokens each.
 
-Every step: each running sequence that is decoding feeds 1 token; then sequences still
-in their prompt feed a chunk of at most `prefill_chunk` tokens, within the step's token
-budget; then waiting requests join while there is room. Decodes go first so a long
-prompt never starves the streams already running: it is chunked over several steps.
+Every step, in arrival order:
+  1. decodes    each running sequence past its prompt feeds 1 token. When the pool has no block
+                for it, the newest running sequence is preempted (its blocks freed, itself put at
+                the head of the queue to be recomputed later: vLLM's default), until it fits;
+                the newest may be itself. Nothing is failed for lack of memory.
+  2. prefills   sequences still in their prompt (or recomputing after a preemption) feed a chunk
+                of at most prefill_chunk tokens, within the step's token budget and the free blocks.
+  3. admission  waiting requests join while there is room: max_running, the budget, and free
+                blocks for their first chunk (the head of the queue waits; no overtaking).
+Decodes go first so a long prompt never starves the streams already running.
 """
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass
 
+from router_service.engine.block_manager import BlockManager
 from router_service.engine.sequence import Sequence
 
 
@@ -19,7 +28,7 @@ class QueueFull(Exception):
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_running: int = 64  # sequences holding a KV cache at once
+    max_running: int = 64  # sequences holding KV blocks at once
     max_step_tokens: int = 512  # tokens per step, decodes and prefill chunks together
     prefill_chunk: int = 256  # at most this many prompt tokens of one sequence per step
     max_queue: int = 256  # waiting requests beyond this are refused
@@ -34,10 +43,11 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig):
-        self.config = config
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager):
+        self.config, self.blocks = config, blocks
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # in arrival order (Sequence.id)
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         if len(self.waiting) >= self.config.max_queue:  # clients that went away hold no place in the queue
@@ -51,25 +61,63 @@ class Scheduler:
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         """The next step's batch: (sequence, tokens to feed) pairs, decodes first."""
-        self.running = [s for s in self.running if not s.cancelled]
+        for seq in [s for s in self.running if s.cancelled]:
+            self.finish(seq)
         self.waiting = deque(s for s in self.waiting if not s.cancelled)
-        budget, batch = self.config.max_step_tokens, []
-        for seq in self.running:
-            if not seq.prefilling:
-                batch.append((seq, 1))
+        budget, decodes, prefills = self.config.max_step_tokens, [], []
+        for seq in [s for s in self.running if not s.prefilling]:
+            if seq in self.running and self._make_room(seq, 1):
+                self.blocks.allocate(seq, 1)
+                decodes.append((seq, 1))
                 budget -= 1
-        for seq in self.running:
-            if seq.prefilling and budget > 0:
-                n = min(len(seq.prompt) - seq.computed, self.config.prefill_chunk, budget)
-                batch.append((seq, n))
+        for seq in [s for s in self.running if s.prefilling]:
+            if budget <= 0:
+                break
+            n = min(seq.num_pending, self.config.prefill_chunk, budget, self._room(seq))
+            if n == 0 and not decodes and not prefills:  # nothing else runs: free room or this never moves
+                if not self._make_room(seq, 1):
+                    continue
+                n = min(seq.num_pending, self.config.prefill_chunk, budget, self._room(seq))
+            if n > 0:
+                self.blocks.allocate(seq, n)
+                prefills.append((seq, n))
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
-            seq = self.waiting.popleft()
-            self.running.append(seq)
-            n = min(len(seq.prompt), self.config.prefill_chunk, budget)
-            batch.append((seq, n))
+            seq = self.waiting[0]
+            n = min(seq.num_pending, self.config.prefill_chunk, budget)
+            if not self.blocks.can_allocate(seq, n):
+                break  # the head waits for blocks; no overtaking, so a long prompt is not starved
+            self.waiting.popleft()
+            self.blocks.allocate(seq, n)
+            bisect.insort(self.running, seq, key=lambda s: s.id)
+            prefills.append((seq, n))
             budget -= n
-        return batch
+        return decodes + prefills
 
     def finish(self, seq: Sequence) -> None:
+        """seq leaves: its blocks go back to the pool."""
         self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.finished = True
+
+    def _room(self, seq: Sequence) -> int:
+        """Tokens seq can still feed with the blocks it holds and those free."""
+        return (len(seq.block_table) + self.blocks.num_free) * self.blocks.block_size - seq.num_computed
+
+    def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
+        """Preempt the newest running sequences until seq can feed num_tokens; False when seq
+        itself was preempted (it was the newest)."""
+        while not self.blocks.can_allocate(seq, num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recompute later: the blocks go back, the tokens stay, and it waits at the queue's head."""
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)

@@ -1,4 +1,4 @@
-"""One request inside the router: its tokens, its KV cache, and where its results go."""
+"""One request inside the router: its tokens, its KV blocks, and where its results go."""
 from __future__ import annotations
 
 import itertools
@@ -7,7 +7,6 @@ from typing import Callable
 
 import torch
 
-from router_service.model.kv_cache import KVCache
 from router_service.model.sampling import SamplingParams
 
 _ids = itertools.count()
@@ -27,31 +26,35 @@ class Event:
 class Sequence:
     prompt: list[int]
     params: SamplingParams
-    generator: torch.Generator
-    cache: KVCache
+    generator: torch.Generator | None  # None for greedy requests: nothing to draw
     emit: Callable[[Event], None]  # called on the engine thread; must not block
     score_only: bool = False  # Score: prefill the whole input, collect logprobs, sample nothing
-    id: int = field(default_factory=lambda: next(_ids))
+    id: int = field(default_factory=lambda: next(_ids))  # arrival order: the newest is preempted first
     output: list[int] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)  # Score: log p(token i | tokens before it)
+    block_table: list[int] = field(default_factory=list)  # KV blocks in the pool, in order
+    num_computed: int = 0  # tokens whose K/V are in the blocks
+    num_preemptions: int = 0
     cancelled: bool = False  # set by the caller's thread when the client goes away
+    finished: bool = False
 
     @property
     def length(self) -> int:
         return len(self.prompt) + len(self.output)
 
-    def next_tokens(self, n: int) -> list[int]:
-        """The n tokens after those in the KV cache, without copying the whole sequence (hot path)."""
-        start, p = self.computed, len(self.prompt)
-        if start + n <= p:
-            return self.prompt[start: start + n]
-        return self.prompt[start:] + self.output[max(0, start - p): start + n - p]
-
     @property
-    def computed(self) -> int:
-        """Tokens already in the KV cache."""
-        return self.cache.length
+    def num_pending(self) -> int:
+        """Tokens to feed before the next one can be sampled: the rest of the prompt (and, after a
+        preemption, of the output) on a prefill; 1 on a decode."""
+        return self.length - self.num_computed
 
     @property
     def prefilling(self) -> bool:
-        return self.computed < len(self.prompt)
+        return self.num_pending > 1
+
+    def next_tokens(self, n: int) -> list[int]:
+        """The n tokens after those in the KV cache, without copying the whole sequence (hot path)."""
+        start, p = self.num_computed, len(self.prompt)
+        if start + n <= p:
+            return self.prompt[start: start + n]
+        return self.prompt[start:] + self.output[max(0, start - p): start + n - p]

@@ -26,6 +26,18 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+class RopeTables:
+    """cos, sin [P, D] for every position the model takes, built once: a step indexes them
+    (the same values rope_cos_sin computes per step, row for row)."""
+
+    def __init__(self, max_positions: int, head_dim: int, theta: float, dtype: torch.dtype, device=None):
+        positions = torch.arange(max_positions, device=device)
+        self.cos, self.sin = rope_cos_sin(positions, head_dim, theta, dtype)  # [P, D] each
+
+    def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions], self.sin[positions]
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, heads, D] rotated by position (HF rotate_half convention)."""
     half = x.shape[-1] // 2

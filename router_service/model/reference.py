@@ -18,7 +18,8 @@ import torch
 from cluster.checkpoint.reader import Checkpoint, parse_dtype
 from experts.kernels.forward import moe_forward
 from experts.kernels.weights import ExpertWeights, load_slots
-from router_service.model.dense import DenseModel, ExpertsFn, Segment
+from router_service.model.attention import Segment, SequenceAttention
+from router_service.model.dense import DenseModel, ExpertsFn
 from router_service.model.kv_cache import KVCache
 
 
@@ -73,8 +74,10 @@ class ReferenceModel:
         vocab = self.spec.vocab_size
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab):
             raise ValueError(f"token ids must be in [0, {vocab - 1}]")
-        segments = [Segment(cache, length) for cache in caches]
-        logits = self.dense.forward(input_ids.reshape(-1), segments, self.experts)
+        s = self.spec
+        attn = SequenceAttention([Segment(cache, length) for cache in caches], s.sliding_window,
+                                 s.max_position_embeddings, self.dense.device)
+        logits = self.dense.forward(input_ids.reshape(-1).to(self.dense.device), attn, self.experts)
         return logits.view(batch, length, -1)
 
     @torch.inference_mode()

@@ -1,13 +1,24 @@
 """Per-request sampling: pick the next token of every sequence in a batch.
 
-B = batch size (sequences), V = vocabulary size.
+B = batch size (sequences), V = vocabulary size, S = rows that draw (not greedy).
 
-    logits [B, V] -+-> sort (once) -> temperature -> top-k -> top-p -> draw (own generator per row)
-                   +-> log_softmax --------------------------------------> logprob of the drawn token
+    logits [B, V] -+-> greedy rows: argmax, nothing drawn
+                   +-> drawing rows: sort (once) -> - max -> temperature -> top-k -> top-p
+                   |       -> argmax(probs / q), q ~ Exp(1) from each row's own generator
+                   +-> log_softmax (only when a request wants logprobs) -> logprob of the token
 
 Filters run in the usual order (HF's warpers, vLLM): temperature scales the logits, top-k
 keeps the k largest, top-p keeps the smallest prefix of the *renormalized top-k* distribution
 whose mass reaches top_p. Greedy rows (temperature 0) take the argmax and draw nothing.
+
+The draw is the exponential race: argmax_i p_i / q_i with q_i ~ Exp(1) picks token i with
+probability p_i, like multinomial, but is one tensor op over every row; only the noise comes
+from each row's generator (vLLM draws the same way).
+
+Numerically safe at every accepted value: the row's maximum is subtracted before dividing by
+the temperature, so the top logit is exactly 0 and nothing overflows (a subnormal temperature
+leaves the top token alone at probability 1, a huge one flattens the row to uniform); no
+value a request can pass makes a probability NaN or negative.
 
 Determinism: each row draws only from its own `torch.Generator`, and every batched op here is
 row-wise, so a seeded request gives the same tokens whichever sequences share its batch.
@@ -22,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import InitVar, dataclass
+from dataclasses import InitVar, dataclass, field
 
 import torch
 
@@ -60,6 +71,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     logprobs: bool = False
     max_tokens_limit: InitVar[int | None] = None
+    stop_set: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self, max_tokens_limit: int | None):
         if not (_is_number(self.temperature) and self.temperature >= 0):
@@ -83,6 +95,7 @@ class SamplingParams:
             raise SamplingError("stop_token_ids", f"stop_token_ids must be a sequence of integers >= 0, "
                                                   f"got {self.stop_token_ids!r}")
         object.__setattr__(self, "stop_token_ids", stops)  # a list from the caller becomes a tuple
+        object.__setattr__(self, "stop_set", frozenset(stops))  # the engine checks each token in O(1)
         if not isinstance(self.logprobs, bool):
             raise SamplingError("logprobs", f"logprobs must be a bool, got {self.logprobs!r}")
 
@@ -101,43 +114,55 @@ def make_generator(seed: int | None = None, device: str | torch.device = "cpu") 
     return gen
 
 
-def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
-           generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
+           with_logprobs: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Draw the next token of each sequence.
 
-    logits [B, V] (any float dtype; computed in fp32), params and generators: B each, row-aligned.
-    Returns (token_ids [B] int64, logprobs [B] fp32), logprobs under the unmodified model
-    distribution (see the module docstring). Generators of greedy rows are not advanced.
+    logits [B, V] (any float dtype; computed in fp32), params and generators: B each, row-aligned
+    (a greedy row's generator may be None). Returns (token_ids [B] int64, logprobs [B] fp32 under
+    the unmodified model distribution, or None without with_logprobs). Generators of greedy rows
+    are not advanced.
     """
     assert logits.dim() == 2 and len(params) == len(generators) == logits.shape[0], \
         (tuple(logits.shape), len(params), len(generators))
-    logits = logits.float()
     B, V = logits.shape
-    device = logits.device
-    model_logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
     token_ids = logits.argmax(dim=-1)  # [B]; greedy rows keep this (first index on ties)
-
-    sampled = [b for b, p in enumerate(params) if not p.greedy and p.top_k != 1]  # top_k=1 is greedy
-    if sampled:
-        rows = torch.tensor(sampled, device=device)
-        temperature = torch.tensor([params[b].temperature for b in sampled], device=device)  # [S]
-        top_k = torch.tensor([params[b].top_k or V for b in sampled], device=device)  # [S]
-        top_p = torch.tensor([params[b].top_p for b in sampled], device=device)  # [S]
-        # Sort the raw logits: dividing by temperature could round near-equal logits into ties
-        # and reorder them. Stable, so ties keep the lowest id first, like argmax.
-        sorted_logits, sorted_ids = logits[rows].sort(dim=-1, descending=True, stable=True)  # [S, V]
-        sorted_logits = sorted_logits / temperature[:, None]
-        rank = torch.arange(V, device=device)  # [V]
-        sorted_logits = sorted_logits.masked_fill(rank[None, :] >= top_k[:, None], float("-inf"))
-        probs = torch.softmax(sorted_logits, dim=-1)  # [S, V], renormalized over the top-k
-        mass_before = probs.cumsum(dim=-1) - probs  # [S, V]
-        # Keep a token while the mass before it is short of top_p: the smallest prefix reaching
-        # top_p. Rank 0 always stays, so a tiny top_p degrades to greedy rather than to nothing.
-        # top_p = 1 is "off": skip it, since fp32 cumsum can reach 1.0 early and drop the tail.
-        drop = (mass_before >= top_p[:, None]) & (rank[None, :] > 0) & (top_p[:, None] < 1)
-        probs = probs.masked_fill(drop, 0.0)  # multinomial renormalizes
-        for i, b in enumerate(sampled):
-            pick = torch.multinomial(probs[i], 1, generator=generators[b])  # [1], rank in sorted order
-            token_ids[b] = sorted_ids[i, pick[0]]
-    logprobs = model_logprobs.gather(1, token_ids[:, None]).squeeze(1)  # [B]
+    drawing = [b for b, p in enumerate(params) if not p.greedy and p.top_k != 1]  # top_k=1 is greedy
+    if drawing:
+        token_ids[drawing] = _draw(logits[drawing].float(), [params[b] for b in drawing],
+                                   [generators[b] for b in drawing])
+    if not with_logprobs:
+        return token_ids, None
+    logprobs = torch.log_softmax(logits.float(), dim=-1).gather(1, token_ids[:, None]).squeeze(1)  # [B]
     return token_ids, logprobs
+
+
+def _draw(logits: torch.Tensor, params: Sequence[SamplingParams], generators) -> torch.Tensor:
+    """logits [S, V] fp32 -> drawn token ids [S]."""
+    S, V = logits.shape
+    device = logits.device
+    temperature = torch.tensor([p.temperature for p in params], device=device, dtype=torch.float32)  # [S]
+    top_k = torch.tensor([p.top_k or V for p in params], device=device)  # [S]
+    top_p = torch.tensor([p.top_p for p in params], device=device, dtype=torch.float32)  # [S]
+    # Sort the raw logits: dividing by temperature could round near-equal logits into ties
+    # and reorder them. Stable, so ties keep the lowest id first, like argmax.
+    sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True, stable=True)  # [S, V]
+    # minus the row's max first: the top logit becomes exactly 0, so no temperature overflows it
+    scaled = (sorted_logits - sorted_logits[:, :1]) / temperature[:, None]
+    rank = torch.arange(V, device=device)  # [V]
+    scaled = scaled.masked_fill(rank[None, :] >= top_k[:, None], float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)  # [S, V], renormalized over the top-k; rank 0 is always > 0
+    mass_before = probs.cumsum(dim=-1) - probs  # [S, V]
+    # Keep a token while the mass before it is short of top_p: the smallest prefix reaching
+    # top_p. Rank 0 always stays, so a tiny top_p degrades to greedy rather than to nothing.
+    # top_p = 1 is "off": skip it, since fp32 cumsum can reach 1.0 early and drop the tail.
+    drop = (mass_before >= top_p[:, None]) & (rank[None, :] > 0) & (top_p[:, None] < 1)
+    probs = probs.masked_fill(drop, 0.0)
+    race = torch.empty_like(probs)
+    for i, gen in enumerate(generators):
+        race[i].exponential_(generator=gen)
+    # Exp(1) can come out exactly 0 (about 1 in 2**24 per entry): 0/0 would be NaN, which argmax
+    # picks. The smallest normal float keeps p/q finite and a dropped token (p = 0) at 0.
+    race.clamp_(min=torch.finfo(torch.float32).tiny)
+    pick = (probs / race).argmax(dim=-1)  # [S], a rank in sorted order; a dropped token scores 0
+    return sorted_ids.gather(1, pick[:, None]).squeeze(1)

@@ -112,7 +112,7 @@ def test_queue_bound_and_cancellation(reference):
         long = prompts(reference.spec.vocab_size, [40])[0]
         seqs = [engine.submit(long, SamplingParams(max_tokens=200), lambda ev: None)]
         for _ in range(500):  # bounded wait until the engine has admitted it (1 token a step: stays running)
-            if seqs[0].computed:
+            if seqs[0].num_computed:
                 break
             time.sleep(0.01)
         assert seqs[0] in engine.scheduler.running

@@ -36,7 +36,8 @@ import numpy as np
 
 from cluster.control.autoscaler import HOLD, REBALANCE, Autoscaler, Observation
 from cluster.control.autoscaler_config import AutoscalerConfig
-from cluster.placement.planner import Placement, plan, round_robin
+from cluster.placement.layout import Placement
+from cluster.placement.planner import plan, round_robin
 from cluster.placement.table import PlacementTable, TableShape
 
 GPUS_RANGE = (64, 256)

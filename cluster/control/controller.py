@@ -42,7 +42,7 @@ from cluster.config import config_from_dict
 from cluster.control.autoscaler import ADD_GROUP, REBALANCE, REMOVE_GROUP, Autoscaler, Decision, Observation
 from cluster.control.autoscaler_config import AutoscalerConfig
 from cluster.control.rebalance import Rebalancer, RebalanceResult, grpc_call
-from cluster.placement.planner import Placement
+from cluster.placement.layout import Placement
 from cluster.placement.table import PlacementTable
 from cluster.state.metrics import AutoscalerMetrics, serve_metrics
 from cluster.state.store import ClusterState, check_url

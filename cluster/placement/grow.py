@@ -4,8 +4,9 @@ slot), planned on an estimate (_Levels) between exact share solves. Used by both
 planner.py: migration-aware (decide) and from scratch (layers short of target).
 
 Slots and shares are [L, G, S] per call (one layer: [G, S]); loads [L, E]; had [L, G, E]
-whether a group held an expert in current. L = MoE layers, E = experts per layer, G = groups,
-S = slots per layer per group. grow() is the package's internal API, not for outside use.
+whether a group held an expert before (current's sets; from scratch, the packing's own), which
+halves the price of putting it back. L = MoE layers, E = experts per layer, G = groups, S = slots
+per layer per group. grow() is the package's internal API, not for outside use.
 """
 from __future__ import annotations
 

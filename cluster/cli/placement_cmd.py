@@ -117,7 +117,8 @@ def _heatmap(loads: np.ndarray, counts: np.ndarray, layers) -> str:
 def cmd_plan(args) -> int:
     """Dry run: what the planner would do with the current load. Changes nothing."""
     from cluster.control.autoscaler_config import AutoscalerConfig
-    from cluster.placement.planner import PlannerConfig, plan
+    from cluster.placement.layout import PlannerConfig
+    from cluster.placement.planner import plan
 
     state = _state(args)
     table = _table(state)

@@ -11,7 +11,7 @@ import asyncio
 import numpy as np
 
 from cluster.control.controller_errors import ControllerError
-from cluster.placement.planner import Placement
+from cluster.placement.layout import Placement
 
 
 class ManualRequests:

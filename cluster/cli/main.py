@@ -12,6 +12,7 @@ import sys
 import time
 
 from cluster.checkpoint.spec import FAMILIES
+from cluster.deploy.connect import add_client_arguments, client_options
 
 
 def cmd_make_checkpoint(args) -> int:
@@ -89,35 +90,6 @@ def cmd_serve(args) -> int:
     from cluster.deploy import serve_cmd
 
     return serve_cmd.run(args)
-
-
-def add_client_arguments(p) -> None:
-    """Credentials of the SDK's client: a bearer token and TLS (router_service/client.py)."""
-    p.add_argument("--token-file", default=None, metavar="PATH",
-                   help="file holding the API token (one line, '#' comments); default: $ELASTICMOE_API_TOKEN if set")
-    p.add_argument("--tls", action="store_true", help="TLS, the server checked against the system's roots")
-    p.add_argument("--tls-ca", default=None, metavar="PEM", help="TLS, the server checked against this CA bundle")
-    p.add_argument("--tls-cert", default=None, metavar="PEM", help="client certificate for mutual TLS (with --tls-key)")
-    p.add_argument("--tls-key", default=None, metavar="PEM", help="client private key for mutual TLS")
-    p.add_argument("--tls-server-name", default=None, metavar="NAME",
-                   help="the name the server's certificate must carry, when the address is another (an IP)")
-
-
-def client_options(args, environ=None) -> dict:
-    """MoEClient keyword arguments (token, tls, tls_server_name) from add_client_arguments' flags."""
-    import os
-
-    from router_service.serving.auth import CLIENT_TOKEN_ENV, read_client_token
-
-    environ = os.environ if environ is None else environ
-    token = read_client_token(args.token_file) if args.token_file else environ.get(CLIENT_TOKEN_ENV) or None
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise ValueError("--tls-cert and --tls-key go together (mutual TLS)")
-    if args.tls_cert:
-        tls = (args.tls_ca, args.tls_cert, args.tls_key)
-    else:
-        tls = args.tls_ca or args.tls
-    return {"token": token, "tls": tls, "tls_server_name": args.tls_server_name}
 
 
 def cmd_generate(args) -> int:

@@ -16,10 +16,8 @@ naming the (layer, expert) pairs. A group that has not answered after slow_s
 replica elsewhere: its call is cancelled and the pairs move. Without another replica the
 router waits for it, up to the deadline: slow beats failed.
 
-An expert with several replicas splits its tokens by the table's shares: token t draws
-u = frac((t + 0.5) * golden ratio), a low-discrepancy sequence, and goes to the first
-replica whose cumulative share exceeds u. Deterministic, no RNG state, and even a
-decode step of a few tokens splits close to the shares.
+Which group serves each pair (shares, retries on other replicas, avoiding down groups) is
+policy in routes.py; this file does the transport: the fan-out, deadlines and failures.
 
 Every call also counts the (token, expert) pairs routed per expert (`take_load()`),
 which the router's telemetry reporter flushes to Redis for the autoscaler.
@@ -32,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from dataclasses import dataclass
 
 import grpc
 import torch
@@ -42,17 +39,13 @@ from cluster.checkpoint.spec import ModelSpec
 from cluster.placement.table import PlacementTable
 from experts.credentials import ExpertCredentials, call_metadata, channel
 from experts.wire import GRPC_OPTIONS, decode, encode
+from router_service.serving.routes import Routes, avoid, choose_groups, compile_routes, first_replica
 
-_GOLDEN = (5 ** 0.5 - 1) / 2
 DOWN_S = 2.0  # after a failed Forward, a group gets no traffic for this long when another replica exists
 # Failures another replica would repeat (a bad or oversized request, the router lacking the cluster secret, an
 # API the group does not have): fail the layer at once instead of marking groups down one after another.
 PERMANENT = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED)
-
-
-def _pad(values, width: int, fill) -> list:
-    return list(values) + [fill] * (width - len(values))
 
 
 class DispatchError(RuntimeError):
@@ -61,26 +54,6 @@ class DispatchError(RuntimeError):
     def __init__(self, address: str, code: grpc.StatusCode, details: str):
         super().__init__(f"expert group {address} failed Forward: {code.name}: {details}")
         self.address, self.code, self.details = address, code, details
-
-
-def _first_replica(routes: "_Routes", layer: int, ids, excluded) -> tuple[torch.Tensor, torch.Tensor]:
-    """For every pair of ids [T, k]: its first replica on a group not in `excluded`, and whether
-    there is one ([T, k] each; the choice is meaningless where there is none)."""
-    candidates = routes.replica_groups[layer][ids]  # [T, k, R]
-    usable = torch.ones(candidates.shape, dtype=torch.bool)
-    for g in excluded:
-        usable &= candidates != g
-    choice = candidates.gather(-1, usable.float().argmax(dim=-1)[..., None]).squeeze(-1)
-    return choice, usable.any(dim=-1)
-
-
-@dataclass(frozen=True)
-class _Routes:
-    """A placement table compiled for lookups in the hot path."""
-
-    table: PlacementTable
-    replica_groups: dict[int, torch.Tensor]  # layer -> [E, R] group ids, padded by repeating the last
-    cumulative_shares: dict[int, torch.Tensor]  # layer -> [E, R] running sum of shares, padded with 1.0
 
 
 class RemoteExperts:
@@ -111,15 +84,9 @@ class RemoteExperts:
         of one step never mix two placements; the old replicas stay loaded until drained.
         """
         table.validate(self.spec)
-        groups, cumulative = {}, {}
-        for layer in self.spec.sparse_layers:
-            slots = [(layer, e) for e in range(self.spec.num_experts)]
-            width = max(len(table.replicas[s]) for s in slots)
-            groups[layer] = torch.tensor([_pad(table.replicas[s], width, table.replicas[s][-1]) for s in slots])
-            running = [torch.tensor(table.shares_of(s), dtype=torch.float64).cumsum(0).tolist() for s in slots]
-            cumulative[layer] = torch.tensor([_pad(r[:-1] + [1.0], width, 1.0) for r in running])  # last = 1 exactly
+        routes = compile_routes(self.spec, table)
         self._run(self._connect(table.groups))
-        self._pending = _Routes(table, groups, cumulative)
+        self._pending = routes
         if not hasattr(self, "_routes"):
             self._routes = self._pending
 
@@ -179,13 +146,13 @@ class RemoteExperts:
             self._step_version = None
         return out
 
-    async def _forward(self, routes: _Routes, layer, x, ids, weights) -> torch.Tensor:
-        num_tokens = ids.shape[0]
-        u = ((torch.arange(num_tokens, dtype=torch.float64) + 0.5) * _GOLDEN) % 1.0  # [T] in (0, 1)
-        cumulative = routes.cumulative_shares[layer][ids]  # [T, k, R]
-        replica = (cumulative <= u[:, None, None]).sum(-1).clamp(max=cumulative.shape[-1] - 1)  # [T, k]
-        pending = routes.replica_groups[layer][ids, replica]  # [T, k] group of each pair; -1 = done
-        pending = self._avoid_down(routes, layer, ids, pending)
+    async def _forward(self, routes: Routes, layer, x, ids, weights) -> torch.Tensor:
+        pending = choose_groups(routes, layer, ids)  # [T, k] group of each pair; -1 = done
+        # a group that failed in the last DOWN_S seconds gets no pairs that have another replica,
+        # so one dead group does not cost every step a failed call
+        now = time.monotonic()
+        pending = avoid(routes, layer, ids, pending,
+                        [g for g, a in enumerate(routes.table.groups) if self._down.get(a, 0) > now])
         out = torch.zeros_like(x)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
@@ -249,11 +216,11 @@ class RemoteExperts:
                                     f"layer {layer}: no replica answered within {self.timeout_s} s")
             pending = retry
 
-    def _alternative(self, routes: _Routes, layer: int, ids, mine, failed: dict, strict: bool = True):
+    def _alternative(self, routes: Routes, layer: int, ids, mine, failed: dict, strict: bool = True):
         """For the pairs in `mine`, the first replica on a group not in `failed` [T, k]. When some
         pair has none left: with strict, raise UNAVAILABLE naming those (layer, expert) pairs;
         else return None."""
-        choice, has = _first_replica(routes, layer, ids, failed)
+        choice, has = first_replica(routes, layer, ids, failed)
         stranded = mine & ~has
         if stranded.any():
             if not strict:
@@ -267,21 +234,6 @@ class RemoteExperts:
 
     def _mark_down(self, address: str) -> None:
         self._down[address] = time.monotonic() + DOWN_S
-
-    def _avoid_down(self, routes: _Routes, layer: int, ids, pending) -> torch.Tensor:
-        """Pairs routed to a group that failed in the last DOWN_S seconds go to another replica
-        when one exists, so one dead group does not cost every step a failed call."""
-        now = time.monotonic()
-        down = [g for g, a in enumerate(routes.table.groups) if self._down.get(a, 0) > now]
-        if not down:
-            return pending
-        hit = torch.zeros_like(pending, dtype=torch.bool)
-        for g in down:
-            hit |= pending == g
-        if not hit.any():
-            return pending
-        choice, has = _first_replica(routes, layer, ids, down)
-        return torch.where(hit & has, choice, pending)  # no other replica: try the group anyway
 
     async def _call(self, group: int, address: str, request, timeout_s: float) -> torch.Tensor:
         start = time.perf_counter()

@@ -37,7 +37,6 @@ from cluster.bench.sim_loop import simulate
 from cluster.bench.sim_trace import zipf_weights
 from cluster.control.autoscaler import REBALANCE
 
-
 # ---- output -------------------------------------------------------------------------------
 
 

@@ -15,7 +15,6 @@ from cluster.placement.grow import grow
 from cluster.placement.layout import Placement, PlannerConfig, layer_imbalance, membership
 from cluster.placement.shares import even_shares, refine_shares
 
-
 BUDGET_STEPS = (0.0, 0.5, 1.0, 1.1, 1.2, 1.35, 1.5, 2.0, None)  # of the extra replicas `need` asks for; None: all slots
 
 

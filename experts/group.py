@@ -14,10 +14,10 @@ controller one call that both brings a group up and tells it where the group is.
 
 Restarts: when Ray restarts a dead actor it runs __init__ again with the same config
 and nothing else, so the new process holds no weights and serves nothing until
-start() is called; with port 0 it then listens on a new port. The controller (not
-yet written) calls start() after creating a group and again whenever it sees the
-group's address stop answering, and records the address start() returns: start()
-is idempotent and is what a restarted group runs to come back. Death is not
+start() is called; with port 0 it then listens on a new port. The controller
+(cluster/control/controller.py) calls start() after creating a group and again
+whenever it sees the group's address stop answering, and records the address start()
+returns: start() is idempotent and is what a restarted group runs to come back. Death is not
 instantaneous: a start() sent just after a kill can still be answered by the dying
 process with its old address, so the controller trusts an address only once it
 answers, and calls start() again when it does not. Methods with side

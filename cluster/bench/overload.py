@@ -165,7 +165,7 @@ def local_service(checkpoint: str, groups: int, router: dict, num_cpus: int | No
 
 
 def add_arguments(p) -> None:
-    from cluster.cli.main import add_client_arguments
+    from cluster.deploy.connect import add_client_arguments
 
     p.add_argument("--address", default=None,
                    help="a running service on this machine (loopback only); default: start one in-process")
@@ -183,7 +183,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from cluster.cli.main import client_options
+    from cluster.deploy.connect import client_options
 
     requests = args.requests or 10 * (args.max_running + args.max_queue)
     if not 1 <= requests <= MAX_REQUESTS:

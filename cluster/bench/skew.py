@@ -41,7 +41,7 @@ def add_arguments(p) -> None:
                    help="an AutoscalerConfig setting, repeatable (default: the defaults)")
     p.add_argument("--address", default=None,
                    help="drive a running service (HOST:PORT) through the SDK instead of starting a cluster")
-    from cluster.cli.placement_cmd import add_redis_arguments
+    from cluster.deploy.connect import add_redis_arguments
 
     add_redis_arguments(p)
 
@@ -168,7 +168,7 @@ def _engine_generate(engine):
 def _against_service(args, settings) -> int:
     """The phases against a running service: SDK traffic, pause/resume through Redis."""
     from cluster.checkpoint.reader import Checkpoint
-    from cluster.cli.placement_cmd import redis_url
+    from cluster.deploy.connect import redis_url
     from cluster.state.store import ClusterState
     from router_service.client import MoEClient, MoEError
     from router_service.model.reference import ReferenceModel

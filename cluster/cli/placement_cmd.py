@@ -3,40 +3,20 @@
 They talk to Redis only (the placement, telemetry and autoscaler keys), so they work
 from any machine that reaches Redis, without joining the Ray cluster. The Redis URL
 comes from --redis-url, else $ELASTICMOE_REDIS_URL, else the file `moectl serve`
-writes while it runs (SERVE_FILE).
+writes while it runs (SERVE_FILE, cluster/deploy/connect.py).
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 
+from cluster.deploy.connect import add_redis_arguments, redis_url
 from cluster.placement.table import TableShape
 
-SERVE_FILE = Path(os.environ.get("ELASTICMOE_HOME", Path.home() / ".elasticmoe")) / "serve.json"
 SHADES = " .:-=+*#%@"  # load heatmap: blank = no load, @ = the hottest expert
-
-
-def add_redis_arguments(p) -> None:
-    p.add_argument("--redis-url", default=None,
-                   help=f"cluster state; default $ELASTICMOE_REDIS_URL, else what `moectl serve` wrote to {SERVE_FILE}")
-    p.add_argument("--namespace", default="elasticmoe", help="Redis key prefix of the cluster (default elasticmoe)")
-
-
-def redis_url(args) -> str:
-    if args.redis_url:
-        return args.redis_url
-    if os.environ.get("ELASTICMOE_REDIS_URL"):
-        return os.environ["ELASTICMOE_REDIS_URL"]
-    try:
-        return json.loads(SERVE_FILE.read_text())["redis_url"]
-    except (OSError, ValueError, KeyError):
-        raise ValueError(f"no Redis to read: pass --redis-url, set ELASTICMOE_REDIS_URL, or start `moectl serve` "
-                         f"(it writes {SERVE_FILE})") from None
 
 
 def _state(args):
@@ -117,7 +97,8 @@ def _heatmap(loads: np.ndarray, counts: np.ndarray, layers) -> str:
 def cmd_plan(args) -> int:
     """Dry run: what the planner would do with the current load. Changes nothing."""
     from cluster.control.autoscaler_config import AutoscalerConfig
-    from cluster.placement.planner import PlannerConfig, plan
+    from cluster.placement.layout import PlannerConfig
+    from cluster.placement.planner import plan
 
     state = _state(args)
     table = _table(state)

@@ -27,7 +27,8 @@ import numpy as np
 
 from cluster.checkpoint.spec import ModelSpec
 from cluster.control.autoscaler_config import AutoscalerConfig
-from cluster.placement.planner import Placement, PlannerConfig, plan
+from cluster.placement.layout import Placement, PlannerConfig
+from cluster.placement.planner import plan
 from cluster.placement.table import PlacementTable
 
 if TYPE_CHECKING:  # a type only: the planner side (moectl simulate, bench kernel's CLI) needs no redis-py

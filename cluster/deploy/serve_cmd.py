@@ -6,8 +6,8 @@
     -> Serve down, groups and controller killed, redis stopped
 
 The controller repairs groups and runs the autoscaler on its own loop; this process
-only waits. While it runs, SERVE_FILE tells `moectl placement/scale/autoscaler`
-where Redis is.
+only waits. While it runs, SERVE_FILE (cluster/deploy/connect.py) tells
+`moectl placement/scale/autoscaler` where Redis is.
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import os
 import signal
 import sys
 import threading
+
+from cluster.deploy.connect import remove_serve_file, write_serve_file
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +127,7 @@ def run(args) -> int:
         serve.run(build_app({**router_settings, "checkpoint": str(args.checkpoint), "placement": placement,
                               "redis_url": redis_url}, credentials),
                   name="moe")
-        _write_serve_file(redis_url, args.port)
+        write_serve_file(redis_url, args.port)
         auth_line = (f"bearer token required ({len(auth)} token(s), fingerprint {auth.fingerprint}), health checks "
                      f"open" if auth else "OFF (give --api-tokens-file or $ELASTICMOE_API_TOKENS)")
         print(f"client API authentication: {auth_line}; gRPC is plaintext: for other hosts put a TLS proxy in "
@@ -140,34 +142,8 @@ def run(args) -> int:
         print("shutting down ...", file=sys.stderr, flush=True)
         return 0
     finally:
-        _remove_serve_file()
+        remove_serve_file()
         _shutdown(controller, redis)
-
-
-def _write_serve_file(redis_url: str, port: int) -> None:
-    import json
-    import os
-
-    from cluster.cli.placement_cmd import SERVE_FILE
-
-    SERVE_FILE.parent.mkdir(parents=True, exist_ok=True)
-    # 0600: the URL may carry the Redis password
-    fd = os.open(SERVE_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"redis_url": redis_url, "port": port, "pid": os.getpid()}, f)
-
-
-def _remove_serve_file() -> None:
-    import json
-    import os
-
-    from cluster.cli.placement_cmd import SERVE_FILE
-
-    try:
-        if json.loads(SERVE_FILE.read_text()).get("pid") == os.getpid():  # only ours
-            SERVE_FILE.unlink()
-    except (OSError, ValueError):
-        pass
 
 
 def _shutdown(controller, redis) -> None:

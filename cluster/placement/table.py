@@ -57,11 +57,11 @@ class PlacementTable:
                                          f"non-negative number per replica ({len(gs)}) summing to 1")
 
     def to_placement(self, spec: ModelSpec, slots_per_group: int):
-        """The planner's view (cluster/placement/planner.py): slots/shares [L, G, S] over spec.sparse_layers.
+        """The planner's view (cluster/placement/layout.py): slots/shares [L, G, S] over spec.sparse_layers.
         S grows past slots_per_group when a group already holds more (the planner then trims)."""
         import numpy as np
 
-        from cluster.placement.planner import Placement
+        from cluster.placement.layout import Placement
 
         index = {layer: l for l, layer in enumerate(spec.sparse_layers)}
         held = [[[] for _ in self.groups] for _ in index]  # [L][G] -> [(expert, share)]

@@ -24,11 +24,11 @@ process (tests, `moectl serve`) never collide.
 | `elasticmoe_planned_imbalance` | gauge | | autoscaler: what the last plan expected |
 | `elasticmoe_groups` | gauge | | autoscaler: expert groups serving |
 | `elasticmoe_placement_version` | gauge | | autoscaler: the published placement |
-| `elasticmoe_rebalances_total` | counter | result | autoscaler: started, finished, failed, skipped |
+| `elasticmoe_rebalances_total` | counter | result | autoscaler: started, finished, partial (published, routers not drained in time), failed (rolled back) |
 | `elasticmoe_rebalance_seconds` | histogram | | autoscaler: start to finish of a rebalance |
 | `elasticmoe_weights_moved_total` | counter | | autoscaler: expert replicas loaded onto a group |
 | `elasticmoe_weight_bytes_moved_total` | counter | | autoscaler: their bytes |
-| `elasticmoe_group_changes_total` | counter | direction | autoscaler: groups added (up) or removed (down) |
+| `elasticmoe_group_changes_total` | counter | direction | autoscaler: groups added (up), not added (up_failed), removed (down), lost for good (lost) |
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@
 What Serve's proxy does (Ray 2.60): a call in flight on the dead replica ends at once with INTERNAL and
 the ActorDiedError's text (ray/serve/_private/grpc_util.py), streamed or not; a call arriving while no
 replica runs waits at the proxy until the replacement is up, no error. The SDK retries the first kind
-as ReplicaLost where nothing was streamed (router_service/client.py). Every call has timeout_s
+as ReplicaLost where nothing was streamed (router_service/client: errors.py, retry.py). Every call has timeout_s
 CALL_TIMEOUT_S, long enough for the restart: the Serve controller notices the dead replica at its next
 health check (every 2 s, RouterDeployment's health_check_period_s; 6 to 14 s were measured at Serve's
 default 10 s) and then needs about 3 s to start a new worker and load the router.

@@ -177,7 +177,7 @@ def test_router_config_auth_fields():
 
 
 def client_args(**flags) -> argparse.Namespace:
-    from cluster.cli.main import add_client_arguments
+    from cluster.deploy.connect import add_client_arguments
 
     parser = argparse.ArgumentParser()
     add_client_arguments(parser)
@@ -188,7 +188,7 @@ def client_args(**flags) -> argparse.Namespace:
 
 
 def test_moectl_client_flags(tmp_path):
-    from cluster.cli.main import client_options
+    from cluster.deploy.connect import client_options
 
     token_file = tmp_path / "token"
     token_file.write_text(f"{A}\n")

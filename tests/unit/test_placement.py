@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.placement.planner import Placement, PlacementError, PlannerConfig, plan, round_robin
+from cluster.placement.layout import Placement, PlacementError, PlannerConfig
+from cluster.placement.planner import plan, round_robin
 
 CONFIG = PlannerConfig()
 TARGET = CONFIG.target_imbalance

@@ -9,7 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from cluster.bench.simulate import SimConfig, Trace, simulate, zipf_weights
+from cluster.bench.sim_config import SimConfig
+from cluster.bench.sim_loop import simulate
+from cluster.bench.sim_trace import Trace, zipf_weights
 from cluster.cli.main import main
 
 

@@ -35,7 +35,7 @@ from experts.config import ExpertGroupConfig
 from experts.credentials import SecretCheck
 from experts.kernels.forward import moe_forward
 from experts.kernels.weights import ExpertWeights
-from experts.wire import NAME_OF, WireError, decode, encode
+from experts.wire import NAME_OF, WireError, decode, encode, to_device
 
 log = logging.getLogger(__name__)
 
@@ -261,8 +261,10 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         if layer is None:  # nothing of this layer here and every id is -1: a zero contribution
             out, counts = torch.zeros_like(hidden), []
         else:
-            out = moe_forward(hidden.to(self.device), slot_ids.to(self.device), weights.to(self.device),
-                              layer.weights, self.config.backend, check_range=False)  # [t, H]: _check did it
+            # through pinned memory, non-blocking: the three copies queue behind each other on the stream
+            out = moe_forward(to_device(hidden, self.device), to_device(slot_ids, self.device),
+                              to_device(weights, self.device), layer.weights, self.config.backend,
+                              check_range=False)  # [t, H]: _check did it
             counts = torch.bincount(slot_ids[slot_ids >= 0], minlength=len(layer.experts)).tolist()
         message = encode(out)  # copies to host, which waits for the device: busy_s is real compute time
         return message, counts, time.perf_counter() - start
@@ -287,5 +289,5 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             slots=[expert_pb2.SlotStats(slot=expert_pb2.Slot(layer=layer, expert=expert),
                                         tokens=self._tokens[(layer, expert)]) for layer, expert in slots],
             busy_s=self._busy_s, queue_depth=self._in_flight, forward_calls=self._forward_calls,
-            device=str(self.device), loaded_bytes=self.loaded_bytes,
+            device=str(self.device), dtype=NAME_OF[self.dtype], loaded_bytes=self.loaded_bytes,
             refused_calls=self.secret_check.refused if self.secret_check else 0, loads_in_flight=self._loads_in_flight)

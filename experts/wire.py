@@ -4,6 +4,12 @@ Never pickle, never repeated float (DESIGN.md): a [t, H] fp32 tensor costs t*H*4
 plus a few bytes of header, and decodes with torch.frombuffer without parsing numbers.
 Decoding checks dtype, shape and byte count, so a malformed message is an error that
 names the field, never a crash or a huge allocation.
+
+On a GPU, payloads cross the PCIe bus through pinned (page-locked) host memory: to_host()
+copies a CUDA tensor into a pinned buffer (a DMA, not a pageable bounce), and to_device() /
+decode(device=cuda) copy pinned bytes up with non_blocking=True, so the copy overlaps what
+the host does next. The router moves a layer's hidden states to the host once, not once per
+group (router_service/serving/dispatch.py).
 """
 from __future__ import annotations
 
@@ -28,10 +34,28 @@ class WireError(ValueError):
     """A tensor message that does not describe a valid tensor; the message names the field."""
 
 
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """tensor on the CPU: a CUDA tensor through a pinned buffer (returns once the copy is done)."""
+    if not tensor.is_cuda:
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    torch.cuda.current_stream(tensor.device).synchronize()
+    return host
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A CPU tensor on device: to CUDA through pinned memory, non-blocking (stream-ordered)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
+
+
 def encode(tensor: torch.Tensor) -> expert_pb2.Tensor:
     if tensor.dtype not in NAME_OF:
         raise WireError(f"dtype {tensor.dtype} cannot go on the wire (allowed: {', '.join(WIRE_DTYPES)})")
-    flat = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)  # bf16 has no numpy dtype: go by bytes
+    flat = to_host(tensor.detach()).contiguous().reshape(-1).view(torch.uint8)  # bf16 has no numpy dtype: by bytes
     return expert_pb2.Tensor(dtype=NAME_OF[tensor.dtype], shape=list(tensor.shape), data=flat.numpy().tobytes())
 
 
@@ -51,4 +75,4 @@ def decode(msg: expert_pb2.Tensor, field: str, device: torch.device | str = "cpu
     with warnings.catch_warnings():  # the bytes are read-only; nothing writes into a decoded tensor
         warnings.simplefilter("ignore", UserWarning)
         flat = torch.frombuffer(msg.data, dtype=torch.uint8)
-    return flat.view(dtype).reshape(shape).to(device)
+    return to_device(flat.view(dtype).reshape(shape), device)

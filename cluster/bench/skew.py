@@ -106,7 +106,8 @@ def run(args) -> int:
     from cluster.state.redis_server import EmbeddedRedis
     from cluster.state.store import ClusterState
     from router_service.model.reference import ReferenceModel
-    from router_service.serving.deployment import Router, RouterConfig
+    from router_service.serving.router import Router
+    from router_service.serving.router_config import RouterConfig
 
     settings = AutoscalerConfig.from_dict({"metrics_port": None, **parse_settings(args.autoscaler)})
     if args.address:

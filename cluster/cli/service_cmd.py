@@ -36,6 +36,11 @@ def cmd_status(args) -> int:
     except MoEError as e:
         raise ValueError(f"{args.address}: {e.code.name}: {e.details}") from None
     print(f"model {status.model}  serving {status.serving}  placement v{status.placement_version}")
+    if status.HasField("kv"):
+        kv = status.kv
+        print(f"  kv cache: {kv.blocks_used}/{kv.blocks_total} blocks of {kv.block_size} tokens used "
+              f"({kv.pool_bytes / 2**20:.0f} MiB pool), {kv.running} running, {kv.waiting} waiting, "
+              f"{kv.preemptions} preemptions (this replica)")
     for g in status.groups:
         print(f"  {g.name:<12} {g.address:<22} {g.health:<12} {len(g.experts)} experts")
     layers = sorted({p.layer for p in status.placement})

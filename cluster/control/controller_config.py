@@ -22,7 +22,9 @@ class ControllerConfig:
     redis_url: str = field(repr=False)  # redis://[:password@]host:port/db or rediss:// for TLS; never in a repr
     redis_namespace: str = "elasticmoe"  # key prefix in Redis (cluster/state/store.py)
     group_device: str = "auto"  # ExpertGroupConfig.device
-    group_dtype: str | None = None  # ExpertGroupConfig.dtype; None = bf16 on cuda, fp32 on cpu
+    # The cluster's one model dtype: groups compute in it and routers are given it (model_dtype()).
+    # None: bfloat16 when groups get GPUs, float32 on CPU.
+    dtype: str | None = None
     group_host: str = "127.0.0.1"  # groups' bind address; "0.0.0.0" when routers run on other nodes
     group_cpu_threads: int | None = None  # ExpertGroupConfig.cpu_threads: torch threads per CPU group
     num_gpus_per_group: float | None = None  # None = 1 when the cluster has GPUs, else 0
@@ -49,8 +51,8 @@ class ControllerConfig:
             raise ValueError(f"redis_namespace must be a non-empty string without ':', got {self.redis_namespace!r}")
         if self.group_device not in DEVICES:
             raise ValueError(f"group_device must be one of {DEVICES}, got {self.group_device!r}")
-        if self.group_dtype is not None and self.group_dtype not in DTYPES:
-            raise ValueError(f"group_dtype must be None or one of {tuple(DTYPES)}, got {self.group_dtype!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be None (auto) or one of {tuple(DTYPES)}, got {self.dtype!r}")
         if not isinstance(self.group_host, str) or not self.group_host:
             raise ValueError(f"group_host must be a non-empty string, got {self.group_host!r}")
         if self.num_gpus_per_group is not None and (not _is_number(self.num_gpus_per_group)

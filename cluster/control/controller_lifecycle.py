@@ -95,12 +95,16 @@ class GroupLifecycle:
         """A new ExpertGroupActor; it loads `slots` and serves them once start() is called."""
         cfg = self.config
         group_config = ExpertGroupConfig(checkpoint=cfg.checkpoint, slots=slots, device=cfg.group_device,
-                                         dtype=cfg.group_dtype, host=cfg.group_host, name=name,
+                                         dtype=self.model_dtype(), host=cfg.group_host, name=name,
                                          cpu_threads=cfg.group_cpu_threads, credentials=self.credentials)
         options = dict(name=name, max_restarts=cfg.max_group_restarts, max_task_retries=0)
         if num_gpus:
             options["num_gpus"] = num_gpus
         return ExpertGroupActor.options(**options).remote(group_config)
+
+    def model_dtype(self) -> str:
+        """The cluster's model dtype, which groups compute in and routers must use (a Ray call)."""
+        return self.config.dtype or ("bfloat16" if self._num_gpus() else "float32")
 
     def expert_credentials(self) -> ExpertCredentials:
         """What routers need to call the groups (a Ray call: it never leaves the cluster)."""

@@ -183,7 +183,7 @@ class Scaling:
 
     def _expert_bytes(self) -> int:
         spec = self.spec
-        itemsize = 4 if (self.config.group_dtype in (None, "float32") and not self._num_gpus()) else 2
+        itemsize = 4 if self.model_dtype() == "float32" else 2
         return 3 * spec.hidden_size * spec.moe_intermediate_size * itemsize
 
     async def _add_group(self, reason: str) -> None:

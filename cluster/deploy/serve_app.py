@@ -125,13 +125,19 @@ class AppArgs:
         except (TypeError, ValueError) as e:
             raise AppArgsError(f"application args, controller: {e}") from None
 
-    def router_config(self, placement: str, redis_url: str, namespace: str):
-        """The RouterConfig of every router replica (ValueError naming the key when one is wrong)."""
-        from router_service.serving.deployment import RouterConfig
+    def router_config(self, placement: str, redis_url: str, namespace: str, dtype: str | None = None):
+        """The RouterConfig of every router replica (ValueError naming the key when one is wrong); dtype:
+        the cluster's (the controller's model_dtype()), which a router setting may repeat but not contradict."""
+        from router_service.serving.router_config import RouterConfig
 
+        mine = self.router.get("dtype")
+        if dtype is not None and mine is not None and mine != dtype:
+            raise AppArgsError(f"application args, router: dtype {mine} but the controller's groups use {dtype}: a "
+                               f"cluster has one model dtype; set controller.dtype (or leave router.dtype out)")
         try:
             return RouterConfig.from_dict({**self.router, "checkpoint": self.checkpoint, "placement": placement,
-                                           "redis_url": redis_url, "redis_namespace": namespace})
+                                           "redis_url": redis_url, "redis_namespace": namespace,
+                                           "dtype": mine or dtype})
         except (TypeError, ValueError) as e:
             raise AppArgsError(f"application args, router: {e}") from None
 
@@ -192,7 +198,8 @@ def app_builder(args: dict):
     log.info("elasticmoe app: controller %s serving placement v%d on %d group(s)", config.name, summary["version"],
              len(summary["groups"]))
     credentials = ray.get(controller.expert_credentials.remote(), timeout=60)
-    router = parsed.router_config(placement, redis_url, namespace)
+    dtype = ray.get(controller.model_dtype.remote(), timeout=60)
+    router = parsed.router_config(placement, redis_url, namespace, dtype)
     return build_app(dataclasses.asdict(router), credentials)
 
 

@@ -31,8 +31,8 @@ def add_arguments(p) -> None:
     p.add_argument("--redis-url", default=None,
                    help="shared state; default: a private redis-server on a free local port, stopped on exit")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="router (dense part) dtype; groups use bf16 on GPU, fp32 on CPU")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="the model dtype of groups and router alike (default: bfloat16 with GPUs, else float32)")
     p.add_argument("--autoscaler", action="append", default=[], metavar="KEY=VALUE",
                    help="an AutoscalerConfig setting (cluster/control/autoscaler_config.py), repeatable: e.g. "
                         "--autoscaler max_groups=4 --autoscaler cooldown_s=10 --autoscaler enabled=false")
@@ -92,7 +92,7 @@ def run(args) -> int:
     auth = TokenAuth(digests) if digests else None
     # The local Ray started below (raylet, workers) inherits this environment: keep the raw tokens out of it.
     os.environ.pop(TOKENS_ENV, None)
-    router_settings = {"dtype": args.dtype, "metrics_port": args.metrics_port, "api_token_sha256": digests}
+    router_settings = {"metrics_port": args.metrics_port, "api_token_sha256": digests}
 
     import ray
     from ray import serve
@@ -112,7 +112,7 @@ def run(args) -> int:
         limit_client_messages()  # inherited by the Ray we start (with --address, that cluster's own setting holds)
         ray.init(address=args.address, namespace=RAY_NAMESPACE, include_dashboard=False, log_to_driver=False)
         config = ControllerConfig(checkpoint=str(args.checkpoint), num_groups=args.groups, redis_url=redis_url,
-                                  autoscaler=autoscaler, group_cpu_threads=args.group_threads)
+                                  autoscaler=autoscaler, group_cpu_threads=args.group_threads, dtype=args.dtype)
         # Detached and named, so routers and `moectl` on other nodes can find it; this process owns it
         # all the same and kills it on exit (below).
         controller = ControllerActor.options(name=config.name, lifetime="detached").remote(config)
@@ -124,6 +124,7 @@ def run(args) -> int:
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()},  # HTTP unused: clients speak gRPC
                     grpc_options={"port": args.port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS})
         credentials = ray.get(controller.expert_credentials.remote())
+        router_settings["dtype"] = ray.get(controller.model_dtype.remote())  # the cluster's, set once
         serve.run(build_app({**router_settings, "checkpoint": str(args.checkpoint), "placement": placement,
                               "redis_url": redis_url}, credentials),
                   name="moe")

@@ -14,6 +14,9 @@ process (tests, `moectl serve`) never collide.
 | `elasticmoe_forward_slow_total` | counter | group | router: Forward RPCs given up after `forward_slow_s`, their pairs moved to another replica |
 | `elasticmoe_router_placement_version` | gauge | | router: the placement in use |
 | `elasticmoe_telemetry_dropped_total` | counter | | router: load batches lost while Redis was down |
+| `elasticmoe_kv_blocks` | gauge | state (used, total) | router: KV cache blocks of the pool |
+| `elasticmoe_kv_preemptions_total` | counter | | router: sequences preempted for KV blocks (recomputed later) |
+| `elasticmoe_sequences` | gauge | state (running, waiting) | router: sequences holding KV blocks, and queued |
 | `elasticmoe_expert_load` | gauge | layer, expert | autoscaler, per_expert only: pairs/s over the window |
 | `elasticmoe_expert_replicas` | gauge | layer, expert | autoscaler, per_expert only |
 | `elasticmoe_layer_max_expert_load` | gauge | layer | autoscaler: the hottest expert's pairs/s |
@@ -35,6 +38,7 @@ from __future__ import annotations
 import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,11 @@ class RouterMetrics:
         self.telemetry_dropped = Counter("elasticmoe_telemetry_dropped", "load batches lost while Redis was down",
                                          registry=r)
 
+    def watch_engine(self, stats) -> None:
+        """Engine figures read at scrape time from stats() (an object with blocks_used, blocks_total,
+        preemptions, running, waiting): nothing to update in the step loop."""
+        self.registry.register(_EngineCollector(stats))
+
     def on_load(self, counts: dict[tuple[int, int], int]) -> None:
         by_layer: dict[int, int] = {}
         for (layer, expert), n in counts.items():
@@ -88,6 +97,23 @@ class RouterMetrics:
             self.forward_failures.labels(str(group)).inc()
         elif outcome == "slow":
             self.forward_slow.labels(str(group)).inc()
+
+
+class _EngineCollector:
+    def __init__(self, stats):
+        self.stats = stats
+
+    def collect(self):
+        s = self.stats()
+        blocks = GaugeMetricFamily("elasticmoe_kv_blocks", "KV cache blocks of the pool", labels=["state"])
+        blocks.add_metric(["used"], s.blocks_used)
+        blocks.add_metric(["total"], s.blocks_total)
+        preempted = CounterMetricFamily("elasticmoe_kv_preemptions", "sequences preempted for KV blocks")
+        preempted.add_metric([], s.preemptions)
+        sequences = GaugeMetricFamily("elasticmoe_sequences", "sequences running and waiting", labels=["state"])
+        sequences.add_metric(["running"], s.running)
+        sequences.add_metric(["waiting"], s.waiting)
+        return [blocks, preempted, sequences]
 
 
 class AutoscalerMetrics:

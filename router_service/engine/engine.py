@@ -31,16 +31,20 @@ from router_service.model.sampling import SamplingParams, make_generator
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "EngineConfig", "RequestTooLarge", "KVStats"]
+__all__ = ["Engine", "EngineConfig", "RequestTooLarge", "EngineStats"]
 
 
 @dataclass(frozen=True)
-class KVStats:
+class EngineStats:
+    """A snapshot for Status and Prometheus (read from other threads: plain ints, no lock)."""
+
     block_size: int
     blocks_total: int
     blocks_used: int
-    preemptions: int  # since start
+    preemptions: int  # sequences preempted (to be recomputed) since start
     pool_bytes: int
+    running: int  # sequences holding KV blocks
+    waiting: int  # queued, not yet admitted
 
 
 class Engine:
@@ -62,9 +66,10 @@ class Engine:
 
     # ---- callers (any thread / event loop) ----
 
-    def kv_stats(self) -> KVStats:
-        return KVStats(self.pool.block_size, self.blocks.num_blocks, self.blocks.num_used,
-                       self.scheduler.num_preemptions, self.pool.num_bytes)
+    def stats(self) -> EngineStats:
+        return EngineStats(self.pool.block_size, self.blocks.num_blocks, self.blocks.num_used,
+                           self.scheduler.num_preemptions, self.pool.num_bytes, len(self.scheduler.running),
+                           len(self.scheduler.waiting))
 
     def check_fits(self, num_tokens: int, what: str) -> None:
         """Refuse a request whose KV could never fit in the whole pool (it would wait forever)."""

@@ -9,7 +9,8 @@ Every step, in arrival order:
   2. prefills   sequences still in their prompt (or recomputing after a preemption) feed a chunk
                 of at most prefill_chunk tokens, within the step's token budget and the free blocks.
   3. admission  waiting requests join while there is room: max_running, the budget, and free
-                blocks for their first chunk (the head of the queue waits; no overtaking).
+                blocks for their first chunk (the head of the queue waits; no overtaking), and
+                only in a step that preempted nothing.
 Decodes go first so a long prompt never starves the streams already running.
 """
 from __future__ import annotations
@@ -65,6 +66,7 @@ class Scheduler:
             self.finish(seq)
         self.waiting = deque(s for s in self.waiting if not s.cancelled)
         budget, decodes, prefills = self.config.max_step_tokens, [], []
+        preempted = self.num_preemptions
         for seq in [s for s in self.running if not s.prefilling]:
             if seq in self.running and self._make_room(seq, 1):
                 self.blocks.allocate(seq, 1)
@@ -73,6 +75,8 @@ class Scheduler:
         for seq in [s for s in self.running if s.prefilling]:
             if budget <= 0:
                 break
+            if seq not in self.running:  # preempted above for an older sequence's room
+                continue
             n = min(seq.num_pending, self.config.prefill_chunk, budget, self._room(seq))
             if n == 0 and not decodes and not prefills:  # nothing else runs: free room or this never moves
                 if not self._make_room(seq, 1):
@@ -82,7 +86,10 @@ class Scheduler:
                 self.blocks.allocate(seq, n)
                 prefills.append((seq, n))
                 budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
+        # Nothing joins in a step that had to preempt: a newcomer would take the blocks the running
+        # ones need next step, be preempted in turn, and the pool would thrash (vLLM's rule too).
+        while (self.waiting and budget > 0 and len(self.running) < self.config.max_running
+               and self.num_preemptions == preempted):
             seq = self.waiting[0]
             n = min(seq.num_pending, self.config.prefill_chunk, budget)
             if not self.blocks.can_allocate(seq, n):

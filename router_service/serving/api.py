@@ -13,7 +13,7 @@ from elasticmoe.v1 import serving_pb2
 from google.protobuf import unknown_fields
 
 from cluster.checkpoint.spec import ModelSpec
-from router_service.engine.engine import Engine
+from router_service.engine.engine import Engine, RequestTooLarge
 from router_service.engine.scheduler import QueueFull
 from router_service.model.sampling import SamplingError, SamplingParams
 from router_service.model.tokenizer import Tokenizer
@@ -130,6 +130,8 @@ class MoEApi:
                                                    finish_reason=event.finish_reason or "")
         except QueueFull as e:
             raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+        except RequestTooLarge as e:
+            raise invalid(str(e)) from None
         except DispatchError as e:
             raise dispatch_failure(e) from None
 
@@ -139,6 +141,8 @@ class MoEApi:
             return serving_pb2.ScoreResponse(logprobs=await self.engine.score(ids))
         except QueueFull as e:
             raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+        except RequestTooLarge as e:
+            raise invalid(str(e)) from None
         except DispatchError as e:
             raise dispatch_failure(e) from None
 

@@ -38,7 +38,7 @@ from elasticmoe.v1 import expert_pb2, expert_pb2_grpc
 from cluster.checkpoint.spec import ModelSpec
 from cluster.placement.table import PlacementTable
 from experts.credentials import ExpertCredentials, call_metadata, channel
-from experts.wire import GRPC_OPTIONS, decode, encode
+from experts.wire import GRPC_OPTIONS, decode, encode, to_device, to_host
 from router_service.serving.routes import Routes, avoid, choose_groups, compile_routes, first_replica
 
 DOWN_S = 2.0  # after a failed Forward, a group gets no traffic for this long when another replica exists
@@ -130,7 +130,12 @@ class RemoteExperts:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [T, H], ids [T, k], weights [T, k] -> sum of weighted expert outputs [T, H]."""
+        """x [T, H], ids [T, k], weights [T, k] -> sum of weighted expert outputs [T, H] (on x's device).
+
+        On a GPU the three go to the host once (pinned), every group's part is cut from there,
+        and the combined output goes back up once: routing tables and payloads live on the host."""
+        device = x.device
+        x, ids, weights = to_host(x), to_host(ids), to_host(weights)
         if layer == self.spec.sparse_layers[0]:
             self._routes = self._pending  # a step boundary
             self._step_version = self._routes.table.version
@@ -144,7 +149,7 @@ class RemoteExperts:
             raise
         if layer == self.spec.sparse_layers[-1]:
             self._step_version = None
-        return out
+        return to_device(out, device)
 
     async def _forward(self, routes: Routes, layer, x, ids, weights) -> torch.Tensor:
         pending = choose_groups(routes, layer, ids)  # [T, k] group of each pair; -1 = done

@@ -11,7 +11,8 @@ import ray
 from cluster.checkpoint.reader import Checkpoint
 from cluster.control.controller import ControllerActor, ControllerConfig
 from cluster.state.store import ClusterState
-from router_service.serving.deployment import Router, RouterConfig
+from router_service.serving.router import Router
+from router_service.serving.router_config import RouterConfig
 
 # Autoscaler settings that act within seconds, for tests.
 FAST = dict(interval_s=0.25, window_s=2.0, sustain_s=0.5, cooldown_s=1.5, min_tokens=20, metrics_port=0,

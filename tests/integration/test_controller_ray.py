@@ -157,7 +157,7 @@ def test_config_is_validated_and_rejects_unknown_keys():
         ControllerConfig.from_dict({**base, "num_group": 2})
     for bad, field in [({"num_groups": 0}, "num_groups"), ({"num_groups": True}, "num_groups"),
                        ({"redis_url": "http://x"}, "redis_url"), ({"group_device": "tpu"}, "group_device"),
-                       ({"group_dtype": "fp8"}, "group_dtype"), ({"num_gpus_per_group": -1}, "num_gpus_per_group"),
+                       ({"dtype": "fp8"}, "dtype"), ({"num_gpus_per_group": -1}, "num_gpus_per_group"),
                        ({"max_group_restarts": -2}, "max_group_restarts"), ({"name": ""}, "name")]:
         with pytest.raises(ValueError, match=field):
             ControllerConfig.from_dict({**base, **bad})

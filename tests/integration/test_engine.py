@@ -132,3 +132,99 @@ def test_scheduler_config_is_validated():
         SchedulerConfig(max_running=8, max_step_tokens=4)
     with pytest.raises(ValueError, match="prefill_chunk must be an int >= 1"):
         SchedulerConfig(prefill_chunk=0)
+
+
+# ---- the paged KV cache: every family, preemption and resume, requests that never fit, memory ----
+
+def _greedy_all(engine, reference, ps, max_tokens):
+    results = run_concurrently(engine, [(p, SamplingParams(max_tokens=m)) for p, m in zip(ps, max_tokens)])
+    assert [r[0] for r in results] == [reference.generate_greedy(p, m) for p, m in zip(ps, max_tokens)]
+
+
+def test_every_family_through_the_paged_engine_equals_the_reference(hf_checkpoint):
+    """GQA, Mixtral's sliding window (8, shorter than these sequences), Qwen2's qkv bias and shared
+    expert, Qwen3's q/k norm: ragged prompts chunked across steps, blocks of 4 so lengths cross
+    block edges, decodes and prefill chunks in the same steps."""
+    family, path, _ = hf_checkpoint
+    reference = ReferenceModel.from_pretrained(path)
+    engine = Engine(reference.dense, reference.experts, EngineConfig(
+        SchedulerConfig(max_running=4, max_step_tokens=9, prefill_chunk=5, max_queue=16), stop_at_eos=False,
+        block_size=4))
+    try:
+        ps = prompts(reference.spec.vocab_size, [3, 17, 4, 11, 8, 1], seed=6)
+        _greedy_all(engine, reference, ps, [9, 5, 12, 7, 10, 6])
+    finally:
+        engine.close()
+
+
+def test_a_pool_too_small_for_everyone_preempts_and_still_equals_the_reference(reference):
+    """12 blocks of 4 tokens: each request fits alone (<= 30 tokens), together they need ~3x the pool.
+    Sequences are preempted (newest first), recomputed later, and every output equals the reference."""
+    engine = Engine(reference.dense, reference.experts, EngineConfig(
+        SchedulerConfig(max_running=6, max_step_tokens=16, prefill_chunk=8, max_queue=16), stop_at_eos=False,
+        kv_cache_bytes=12 * 4 * _bytes_per_token(reference), block_size=4))
+    try:
+        assert engine.pool.num_blocks == 12
+        ps = prompts(reference.spec.vocab_size, [10, 14, 6, 12, 9, 11], seed=7)
+        _greedy_all(engine, reference, ps, [16, 12, 20, 14, 16, 12])
+        stats = engine.stats()
+        assert stats.preemptions > 0 and stats.blocks_used == 0 and stats.running == stats.waiting == 0
+        seeded = SamplingParams(max_tokens=14, temperature=0.8, top_k=20, seed=3)
+        alone = run_concurrently(engine, [(ps[0], seeded)])[0]
+        before = engine.stats().preemptions
+        crowded = run_concurrently(engine, [(p, seeded) for p in ps])
+        assert engine.stats().preemptions > before
+        assert crowded[0] == alone  # a preempted, recomputed seeded request draws the same tokens
+    finally:
+        engine.close()
+
+
+def _bytes_per_token(reference) -> int:
+    from router_service.model.paged_cache import bytes_per_token
+
+    return bytes_per_token(reference.spec, reference.dense.dtype)
+
+
+def test_a_request_that_can_never_fit_is_refused_naming_the_numbers(reference):
+    from router_service.engine.config import RequestTooLarge
+
+    engine = Engine(reference.dense, reference.experts, EngineConfig(kv_cache_bytes=8 * 4 * _bytes_per_token(reference),
+                                                                     block_size=4))
+    try:
+        with pytest.raises(RequestTooLarge, match=r"prompt \(20\) \+ max_tokens \(13\) needs 33 tokens of KV cache; "
+                                                  r"this router's pool holds 32 \(8 blocks of 4\)"):
+            engine.submit(list(range(2, 22)), SamplingParams(max_tokens=13), lambda ev: None)
+        engine.submit(list(range(2, 22)), SamplingParams(max_tokens=12), lambda ev: None).cancelled = True  # fits
+        with pytest.raises(RequestTooLarge, match="the input needs 40 tokens"):
+            asyncio.run(engine.score(list(range(2, 42))))
+    finally:
+        engine.close()
+
+
+def test_resident_memory_stays_within_the_kv_budget_under_load(reference):
+    """The pool is committed at start; prompts whose KV would exceed it many times over are
+    preempted and recomputed, never grown into. 16 prompts of 1000 tokens on a pool of 1024
+    tokens: holding them all would take ~8 MiB more here; resident memory grows < 2 MiB."""
+    per_token = _bytes_per_token(reference)
+    engine = Engine(reference.dense, reference.experts, EngineConfig(
+        SchedulerConfig(max_running=16, max_step_tokens=256, prefill_chunk=128, max_queue=64), stop_at_eos=False,
+        kv_cache_bytes=64 * 16 * per_token, block_size=16))
+    try:
+        ps = prompts(reference.spec.vocab_size, [1000] * 16, seed=8)
+        run_concurrently(engine, [(p, SamplingParams(max_tokens=2)) for p in ps])  # warm-up
+        before = _rss_bytes()
+        run_concurrently(engine, [(p, SamplingParams(max_tokens=20)) for p in ps])
+        grown = _rss_bytes() - before
+        unbounded = 16 * 1020 * per_token
+        assert engine.stats().preemptions > 0
+        assert grown < unbounded / 4, f"resident memory grew {grown / 2**20:.2f} MiB; an unbounded cache " \
+                                      f"would have needed {unbounded / 2**20:.1f} MiB"
+    finally:
+        engine.close()
+
+
+def _rss_bytes() -> int:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -158,7 +158,7 @@ def test_settings_are_validated_without_echoing_the_secret(tmp_path, monkeypatch
 
 
 def test_config_reprs_hold_no_secret():
-    from router_service.serving.deployment import RouterConfig
+    from router_service.serving.router_config import RouterConfig
 
     url = f"rediss://:{SECRET}@127.0.0.1:6380/0"
     controller = ControllerConfig(checkpoint="/ckpt", num_groups=1, redis_url=url, expert_secret=SECRET)

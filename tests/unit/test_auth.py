@@ -163,7 +163,7 @@ def test_moectl_serve_passes_digests_only(tmp_path):
 
 
 def test_router_config_auth_fields():
-    from router_service.serving.deployment import RouterConfig
+    from router_service.serving.router_config import RouterConfig
 
     base = {"checkpoint": "unused", "placement": '{"version": 0, "groups": [], "replicas": []}'}
     config = RouterConfig.from_dict({**base, "api_token_sha256": [digest(A)], "api_tokens_env": "MOE_TOKENS"})

@@ -1,0 +1,176 @@
+"""Router: everything a router replica holds, built without Serve so tests can use it directly.
+
+    DenseModel (on `device`, in the cluster's dtype) + Engine (paged KV pool) + RemoteExperts
+    + PlacementFollower and TelemetryReporter (with Redis) + Prometheus metrics + MoEApi
+
+The dtype is the cluster's: the router checks at start that every group it can reach serves
+the one it uses, and refuses to start otherwise with a message naming both; a mismatch never
+reaches a Forward (where the group would refuse every call).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from elasticmoe.v1 import serving_pb2
+
+from cluster.checkpoint.reader import Checkpoint, parse_dtype
+from cluster.placement.table import PlacementTable
+from cluster.state.metrics import RouterMetrics, serve_metrics
+from cluster.state.store import ClusterState
+from cluster.state.telemetry import Telemetry
+from experts.credentials import ExpertCredentials
+from router_service.engine.engine import Engine
+from router_service.model.dense import DenseModel
+from router_service.model.tokenizer import Tokenizer
+from router_service.serving.api import MoEApi
+from router_service.serving.dispatch import RemoteExperts
+from router_service.serving.placement_follower import PlacementFollower
+from router_service.serving.router_config import RouterConfig, resolve_device
+from router_service.serving.telemetry_reporter import TelemetryReporter
+
+log = logging.getLogger(__name__)
+
+
+class DtypeMismatch(ValueError):
+    """The router and an expert group would compute in different dtypes."""
+
+
+def cluster_dtype(configured: str | None, device: torch.device, stats: dict) -> str:
+    """The router's dtype: configured, else what the groups serve, else bf16 on CUDA / fp32 on CPU.
+    stats: group address -> StatsResponse (None: did not answer; checked later by the group itself)."""
+    served = {address: reply.dtype for address, reply in stats.items() if reply is not None and reply.dtype}
+    dtype = configured or next(iter(served.values()), None) or ("bfloat16" if device.type == "cuda" else "float32")
+    wrong = {address: d for address, d in served.items() if d != dtype}
+    if wrong:
+        address, theirs = next(iter(wrong.items()))
+        source = "configured" if configured else "what the first group serves"
+        raise DtypeMismatch(f"router dtype {dtype} ({source}) but expert group {address} serves {theirs}"
+                            f"{f' (and {len(wrong) - 1} more)' if len(wrong) > 1 else ''}: a cluster has one "
+                            "model dtype; set it once (moectl serve --dtype, ControllerConfig.dtype)")
+    return dtype
+
+
+class Router:
+    """Everything a router replica holds; built without Serve so tests can use it directly."""
+
+    def __init__(self, config: RouterConfig, credentials: ExpertCredentials | None = None):
+        """credentials: the cluster's expert-API credentials, from the controller (expert_credentials());
+        None for groups started without any (tests, bench)."""
+        checkpoint = Checkpoint(config.checkpoint)
+        spec = checkpoint.spec
+        device = resolve_device(config.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={config.device!r} but torch sees no CUDA device here")
+        self.metrics = RouterMetrics(config.metrics_per_expert)
+        self.experts = RemoteExperts(spec, PlacementTable.from_json(config.placement), config.forward_timeout_s,
+                                     on_forward=self.metrics.on_forward, credentials=credentials,
+                                     slow_s=config.forward_slow_s)
+        try:
+            dtype = cluster_dtype(config.dtype, device, self.experts.group_stats())
+            tensors = checkpoint.load_dense(parse_dtype(dtype))  # no expert weights here
+            dense = DenseModel(spec, {name: t.to(device) for name, t in tensors.items()})
+            del tensors
+            self.engine = Engine(dense, self.experts, config.engine_config())
+            self.metrics.watch_engine(self.engine.stats)
+        except BaseException:
+            self.experts.close()
+            raise
+        self.metrics_server, self.metrics_address = None, None
+        if config.metrics_port is not None:
+            self.metrics_server, self.metrics_address = serve_metrics(self.metrics.registry, config.metrics_port,
+                                                                      config.metrics_host)
+        self.follower, self.reporter, self.state = None, None, None
+        if config.redis_url:
+            self.state = state = ClusterState(config.redis_url, config.redis_namespace)
+            self.follower = PlacementFollower(self.experts, state, config.placement_poll_s)
+            self.experts.on_stale = self.follower.refresh_soon
+            self.reporter = TelemetryReporter(self.experts, Telemetry(state), config.telemetry_flush_s,
+                                              metrics_address=self.metrics_address, on_flush=self._on_flush,
+                                              on_drop=self.metrics.telemetry_dropped.inc)
+        self.api = MoEApi(self.engine, spec, Tokenizer.from_dir(config.checkpoint), self.status)
+        self.spec = spec
+        log.info("router up: %s, %s on %s (torch threads %d), %d dense MiB, placement v%d over %d groups",
+                 spec.family, dtype, device, torch.get_num_threads(), checkpoint.loaded_bytes // 2**20,
+                 self.experts.table.version, len(self.experts.table.groups))
+
+    def status(self) -> serving_pb2.StatusResponse:
+        """Groups with their health (a Stats call answered), the placement, per-expert load.
+
+        serving: every expert has at least one replica on a group that answered.
+        load: (token, expert) pairs each expert has served, summed over its replicas.
+        """
+        table = self.experts.latest_table
+        stats = self.experts.group_stats()
+        live = _live_groups(table, stats)
+        load: dict[tuple[int, int], int] = {}
+        for reply in stats.values():
+            for s in reply.slots if reply is not None else ():
+                key = (s.slot.layer, s.slot.expert)
+                load[key] = load.get(key, 0) + s.tokens
+        return serving_pb2.StatusResponse(
+            serving=_every_expert_live(table, live),
+            placement_version=table.version, model=self.spec.family,
+            groups=[serving_pb2.GroupStatus(name=f"group-{g}", address=a,
+                                            health="SERVING" if g in live else "NOT_SERVING",
+                                            experts=[serving_pb2.ExpertRef(layer=l, expert=e)
+                                                     for l, e in table.slots_of(g)])
+                    for g, a in enumerate(table.groups)],
+            placement=[serving_pb2.PlacementEntry(layer=l, expert=e, groups=[f"group-{g}" for g in gs],
+                                                  shares=table.shares_of((l, e)))
+                       for (l, e), gs in sorted(table.replicas.items())],
+            load=[serving_pb2.ExpertLoad(layer=l, expert=e, tokens=n) for (l, e), n in sorted(load.items())],
+            autoscaler=self._autoscaler_status(), kv=self._kv_status())
+
+    def _kv_status(self) -> serving_pb2.KVCacheStatus:
+        s = self.engine.stats()
+        return serving_pb2.KVCacheStatus(block_size=s.block_size, blocks_total=s.blocks_total,
+                                         blocks_used=s.blocks_used, preemptions=s.preemptions,
+                                         pool_bytes=s.pool_bytes, running=s.running, waiting=s.waiting)
+
+    def _autoscaler_status(self) -> serving_pb2.AutoscalerStatus | None:
+        """What the controller last wrote to Redis; None without Redis or when it is unreachable."""
+        if self.state is None:
+            return None
+        try:
+            s = self.state.autoscaler_status()
+            paused = self.state.paused()
+        except Exception as e:  # Status must answer while Redis is down
+            log.debug("autoscaler status unavailable: %s", e)
+            return None
+        if s is None:
+            return None
+        decision, last = s.get("decision") or {}, s.get("last_rebalance") or {}
+        return serving_pb2.AutoscalerStatus(
+            enabled=bool(s.get("enabled")), paused=paused, imbalance=float(s.get("imbalance") or 0.0),
+            decision=decision.get("action", ""), reason=decision.get("reason", ""),
+            last_rebalance=last.get("result", ""), last_rebalance_error=last.get("error", ""),
+            last_rebalance_version=int(last.get("to_version", 0)), last_rebalance_seconds=float(last.get("seconds", 0.0)),
+            groups=int(s.get("groups", 0)))
+
+    def serving(self) -> bool:
+        """Every expert has a replica on a group that answers Stats (the health check)."""
+        table = self.experts.latest_table
+        return _every_expert_live(table, _live_groups(table, self.experts.group_stats()))
+
+    def _on_flush(self, counts) -> None:
+        self.metrics.on_load(counts)
+        self.metrics.placement_version.set(self.experts.table.version)
+
+    def close(self):
+        if self.reporter is not None:
+            self.reporter.close()
+        if self.follower is not None:
+            self.follower.close()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+        self.engine.close()
+        self.experts.close()
+
+
+def _live_groups(table: PlacementTable, stats: dict) -> set[int]:
+    return {g for g, a in enumerate(table.groups) if stats.get(a) is not None}
+
+
+def _every_expert_live(table: PlacementTable, live: set[int]) -> bool:
+    return all(live.intersection(gs) for gs in table.replicas.values())

@@ -33,7 +33,9 @@ from elasticmoe.v1 import expert_pb2, expert_pb2_grpc
 from cluster.checkpoint.reader import Checkpoint, CheckpointError
 from experts.config import ExpertGroupConfig
 from experts.credentials import SecretCheck
-from experts.kernels.forward import moe_forward
+from experts.kernels import packed
+from experts.kernels.forward import moe_forward, resolve_backend
+from experts.kernels.packed import PackedExperts
 from experts.kernels.weights import ExpertWeights
 from experts.wire import NAME_OF, WireError, decode, encode, to_device
 
@@ -48,18 +50,20 @@ class LayerExperts:
     """The experts of one layer held here, stacked for the kernel."""
 
     experts: tuple[int, ...]  # local slot -> expert id, ascending
-    weights: ExpertWeights  # [S_l, ...] on the group's device
+    weights: ExpertWeights | PackedExperts  # [S_l, ...] on the group's device; packed on CPU fp32
     slot_of: torch.Tensor  # [E] int64 on cpu: expert id -> local slot, -1 = not held
 
     def per_expert(self) -> dict[int, Triple]:
-        """Views into the stack, one triple per expert: the input to a rebuild."""
-        w = self.weights
-        return {e: (w.w_gate[i], w.w_up[i], w.w_down[i]) for i, e in enumerate(self.experts)}
+        """One triple per expert (views into a dense stack, or the packed matrices): the input to a rebuild."""
+        return {e: self.weights.slot(i) for i, e in enumerate(self.experts)}
 
 
-def stack_layer(per_expert: dict[int, Triple], num_experts: int) -> LayerExperts:
+def stack_layer(per_expert: dict[int, Triple], num_experts: int, packed: bool = False) -> LayerExperts:
+    """packed: oneDNN's layout (experts/kernels/packed.py), each matrix packed once and shared by
+    reference between snapshots; else dense stacks, copied: no view of the old stack survives."""
     experts = tuple(sorted(per_expert))
-    weights = ExpertWeights.stack([per_expert[e] for e in experts])  # copies: no view of the old stack survives
+    triples = [per_expert[e] for e in experts]
+    weights = PackedExperts.stack(triples) if packed else ExpertWeights.stack(triples)
     slot_of = torch.full((num_experts,), -1, dtype=torch.int64)
     slot_of[list(experts)] = torch.arange(len(experts))
     return LayerExperts(experts, weights, slot_of)
@@ -92,6 +96,9 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         self.config = config
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(self.device)
+        # The torch kernel in fp32 on CPU runs on oneDNN-packed weights (1.3-1.45x, experts/kernels/packed.py)
+        self.packed = (resolve_backend(config.backend, self.device) == "torch"
+                       and packed.supported(torch.empty(0, dtype=self.dtype, device=self.device)))
         self.checkpoint = Checkpoint(config.checkpoint)  # reads config.json and the index only
         self.spec = self.checkpoint.spec
         self._held: dict[int, LayerExperts] = {}  # replaced whole, never mutated (see module doc)
@@ -173,7 +180,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         out = dict(held)
         for layer, experts in added.items():
             old = held[layer].per_expert() if layer in held else {}
-            out[layer] = stack_layer({**old, **experts}, self.spec.num_experts)
+            out[layer] = stack_layer({**old, **experts}, self.spec.num_experts, self.packed)
         return out
 
     def _without(self, held: dict[int, LayerExperts], drop: list[Slot]) -> dict[int, LayerExperts]:
@@ -182,7 +189,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             gone = {e for l, e in drop if l == layer}
             keep = {e: w for e, w in held[layer].per_expert().items() if e not in gone}
             if keep:
-                out[layer] = stack_layer(keep, self.spec.num_experts)
+                out[layer] = stack_layer(keep, self.spec.num_experts, self.packed)
             else:
                 del out[layer]
         return out

@@ -1,45 +1,47 @@
-"""`moectl bench serving`: the cluster path against in-process baselines, side by side in one run.
+"""`moectl bench serving`: the cluster path against in-process baselines and peers, side by side in one run.
 
   1. prefill of N tokens: DenseModel + RemoteExperts (groups are Ray actors) vs ReferenceModel
   2. one decode step at batch B: extra time per MoE layer over in-process
-  3. generation throughput at S streams x M new tokens through the Engine vs transformers'
-     batched generate on the same checkpoint; TTFT and inter-token latency p50/p99
+  3. generation, for each stream count S of --streams: S prompts x M new tokens, greedy, through
+       cluster      Engine (paged KV) + RemoteExperts over the Ray groups
+       in-process   Engine (paged KV) + every expert local
+       transformers batched generate (skipped above --transformers-max-streams)
+       vLLM         its CPU build, from the interpreter --against-vllm names (cluster/bench/vllm_peer.py)
+     tokens/s (median of --repeats), TTFT and inter-token p50/p99, and whether the greedy tokens agree
+  4. --json FILE: every figure, machine-readable
 
-Medians over --repeats. Figures depend on the machine: on 2 CPU cores the router, the
-groups and Ray compete for the same cores, which the cluster path pays for.
+Figures depend on the machine: on 2 CPU cores the router, the groups and Ray share the cores,
+which the cluster path pays for. Ratios are only compared within one run.
 """
 from __future__ import annotations
 
-import asyncio
-import statistics
+import json
+import platform
 import time
+
+from cluster.bench.serving_runs import agreement, engine_run, median_s, summarize, transformers_runs, vllm_runs
 
 
 def add_arguments(p) -> None:
     p.add_argument("--checkpoint", default="checkpoints/demo-small", help="checkpoint (default: the demo one)")
     p.add_argument("--groups", type=int, default=2, help="expert groups (default 2)")
+    p.add_argument("--group-threads", type=int, default=None, help="torch threads per group (default: torch's)")
+    p.add_argument("--device", default="auto", help="router and groups: auto (cuda when present) | cpu | cuda")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="model dtype of router and groups (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--prefill-tokens", type=int, default=2048)
     p.add_argument("--decode-batch", type=int, default=32)
-    p.add_argument("--streams", type=int, default=32)
+    p.add_argument("--streams", default="32", help="stream counts to sweep, comma-separated (default 32; e.g. 8,32,128)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length of each stream (default 32)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-transformers", action="store_true", help="leave out the transformers baseline")
-
-
-def _median_s(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _pct(values, q):
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+    p.add_argument("--transformers-max-streams", type=int, default=64, help="no transformers run above this many")
+    p.add_argument("--against-vllm", default=None, metavar="PYTHON",
+                   help="also run vLLM's CPU build from this interpreter (its own venv; never a dependency)")
+    p.add_argument("--vllm-timeout-s", type=float, default=1800)
+    p.add_argument("--kv-cache-bytes", type=int, default=None, help="the engines' KV pool (default: engine's own)")
+    p.add_argument("--json", default=None, metavar="FILE", help="write every figure there as JSON")
 
 
 def run(args) -> int:
@@ -51,88 +53,140 @@ def run(args) -> int:
     from experts.config import ExpertGroupConfig
     from experts.group import ExpertGroupActor
     from router_service.engine.engine import Engine, EngineConfig
-    from router_service.model.dense import DenseModel
+    from router_service.engine.scheduler import SchedulerConfig
     from router_service.model.reference import ReferenceModel
-    from router_service.model.sampling import SamplingParams
     from router_service.serving.dispatch import RemoteExperts
+    from router_service.serving.router_config import resolve_device
 
+    streams = sorted({int(s) for s in str(args.streams).split(",")})
+    if not streams or streams[0] < 1 or args.repeats < 1:
+        raise ValueError(f"--streams must list counts >= 1 and --repeats be >= 1, got {args.streams!r}, {args.repeats}")
+    device = resolve_device(args.device)
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     ckpt = Checkpoint(args.checkpoint)
     spec, path = ckpt.spec, str(args.checkpoint)
-    local = ReferenceModel.from_pretrained(path)
+    local = ReferenceModel.from_pretrained(path, dtype=dtype, device=device)
     ray.init(include_dashboard=False, log_to_driver=False)
     table = PlacementTable.round_robin(spec, [f"pending:{g}" for g in range(args.groups)])
-    actors = [ExpertGroupActor.remote(ExpertGroupConfig(path, table.slots_of(g), device="cpu", name=f"bench-{g}"))
-              for g in range(args.groups)]
+    group_device = "cuda" if device.type == "cuda" else "cpu"
+    actors = [ExpertGroupActor.options(num_gpus=1 if group_device == "cuda" else 0).remote(
+        ExpertGroupConfig(path, table.slots_of(g), device=group_device, dtype=dtype, name=f"bench-{g}",
+                          cpu_threads=args.group_threads)) for g in range(args.groups)]
+    report = {"machine": {"platform": platform.platform(), "torch": torch.__version__,
+                          "torch_threads": torch.get_num_threads(), "device": str(device), "dtype": dtype},
+              "workload": {"checkpoint": path, "family": spec.family, "groups": args.groups,
+                           "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "streams": streams,
+                           "repeats": args.repeats}, "generation": {}}
     try:
         table = PlacementTable(1, tuple(ray.get([a.start.remote() for a in actors])), table.replicas)
         remote = RemoteExperts(spec, table)
-        cluster = ReferenceModel(DenseModel(spec, ckpt.load_dense()), remote)
-        moe_layers = len(spec.sparse_layers)
+        cluster = ReferenceModel(local.dense, remote)
+        print(f"{spec.family} {path}: {spec.num_layers} layers ({len(spec.sparse_layers)} MoE), hidden "
+              f"{spec.hidden_size}, {spec.num_experts} experts top-{spec.top_k}; {args.groups} groups; {dtype} on "
+              f"{device}, {torch.get_num_threads()} torch threads here; median of {args.repeats}")
+        report.update(_prefill_and_decode(args, spec, local, cluster))
         gen = torch.Generator().manual_seed(0)
-        print(f"{spec.family} {path}: {spec.num_layers} layers ({moe_layers} MoE), hidden {spec.hidden_size}, "
-              f"{spec.num_experts} experts top-{spec.top_k}; {args.groups} groups; median of {args.repeats}")
-
-        ids = torch.randint(0, spec.vocab_size, (1, args.prefill_tokens), generator=gen)
-        t_local, t_cluster = (_median_s(lambda m=m: m(ids), args.repeats) for m in (local, cluster))
-        print(f"prefill {args.prefill_tokens} tokens: in-process {t_local * 1e3:.0f} ms, cluster "
-              f"{t_cluster * 1e3:.0f} ms, ratio {t_cluster / t_local:.2f} (target <= 1.3)")
-
-        b = args.decode_batch
-        prompt = torch.randint(0, spec.vocab_size, (b, 16), generator=gen)
-        step_ids = torch.randint(0, spec.vocab_size, (b, 1), generator=gen)
-        per_model = []
-        for model in (local, cluster):
-            caches = model.new_caches(b)
-            model(prompt, caches)
-            per_model.append(_median_s(lambda m=model, c=caches: m(step_ids, c), args.repeats))
-        extra_ms = (per_model[1] - per_model[0]) * 1e3 / moe_layers
-        print(f"decode step, batch {b}: in-process {per_model[0] * 1e3:.1f} ms, cluster {per_model[1] * 1e3:.1f} ms; "
-              f"extra per MoE layer {extra_ms:.2f} ms (target <= 1 ms)")
-
-        prompts = torch.randint(2, spec.vocab_size, (args.streams, args.prompt_tokens), generator=gen).tolist()
-        engine = Engine(cluster.dense, remote, EngineConfig(stop_at_eos=False))
-        wall, ttft, itl = asyncio.run(_streams(engine, prompts, SamplingParams(max_tokens=args.new_tokens)))
-        engine.close()
-        ours = args.streams * args.new_tokens / wall
-        print(f"generation {args.streams} streams x {args.new_tokens} tokens: {ours:.0f} tokens/s "
-              f"({wall:.1f} s); TTFT p50 {_pct(ttft, .5) * 1e3:.0f} ms p99 {_pct(ttft, .99) * 1e3:.0f} ms; "
-              f"inter-token p50 {_pct(itl, .5) * 1e3:.0f} ms p99 {_pct(itl, .99) * 1e3:.0f} ms")
-        if not args.skip_transformers:
-            theirs = _transformers_tokens_per_s(path, prompts, args.new_tokens)
-            print(f"transformers batched generate: {theirs:.0f} tokens/s; cluster / transformers = "
-                  f"{ours / theirs:.2f}x (target >= 1.0x)")
+        prompts = torch.randint(2, spec.vocab_size, (max(streams), args.prompt_tokens), generator=gen).tolist()
+        config = EngineConfig(SchedulerConfig(max_running=max(64, max(streams)), max_step_tokens=max(512, max(streams)),
+                                              max_queue=max(256, max(streams))),
+                              stop_at_eos=False, kv_cache_bytes=args.kv_cache_bytes)
+        engines = {"cluster": Engine(local.dense, remote, config),  # one dense model, two engines (own KV pools)
+                   "in-process": Engine(local.dense, local.experts, config)}
+        report["kv"] = _kv_capacity(engines["in-process"], args.prompt_tokens + args.new_tokens)
+        print(report["kv"]["line"])
+        for s in streams:
+            report["generation"][s] = results = {}
+            for name, engine in engines.items():
+                engine_run(engine, prompts[:s], 4)  # warm-up
+                runs = [engine_run(engine, prompts[:s], args.new_tokens) for _ in range(args.repeats)]
+                results[name] = {**summarize(runs), "tokens": runs[0]["tokens"]}
+            if not args.skip_transformers and s <= args.transformers_max_streams:
+                runs = transformers_runs(path, prompts[:s], args.new_tokens, dtype, args.repeats)
+                results["transformers"] = {**summarize(runs), "tokens": runs[0]["tokens"]}
+        for engine in engines.values():
+            engine.close()
         remote.close()
     finally:
         for a in actors:
             ray.kill(a)
         ray.shutdown()
+    if args.against_vllm:
+        peer = vllm_runs(args.against_vllm, path, dtype, prompts, streams, args.new_tokens, args.repeats,
+                         args.vllm_timeout_s)
+        report["vllm_version"] = peer["version"]
+        for s, runs in peer["results"].items():
+            report["generation"][s]["vllm"] = {**summarize(runs), "tokens": runs[0]["tokens"]}
+    for s in streams:
+        _print_generation(s, args, report["generation"][s])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(_without_tokens(report), f, indent=1)
+        print(f"wrote {args.json}")
     return 0
 
 
-async def _streams(engine, prompts, params):
-    start = time.perf_counter()
-
-    async def one(prompt):
-        times = []
-        async for _ in engine.generate(prompt, params):
-            times.append(time.perf_counter())
-        return times
-
-    all_times = await asyncio.gather(*(one(p) for p in prompts))
-    wall = time.perf_counter() - start
-    ttft = [t[0] - start for t in all_times]
-    itl = [b - a for t in all_times for a, b in zip(t, t[1:])]
-    return wall, ttft, itl
-
-
-def _transformers_tokens_per_s(path: str, prompts, new_tokens: int) -> float:
+def _prefill_and_decode(args, spec, local, cluster) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM  # the baseline only; the package never needs it
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ids = torch.tensor(prompts)
-    with torch.no_grad():
-        start = time.perf_counter()
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-        return len(prompts) * new_tokens / (time.perf_counter() - start)
+    gen = torch.Generator().manual_seed(1)
+    moe_layers = len(spec.sparse_layers)
+    ids = torch.randint(0, spec.vocab_size, (1, args.prefill_tokens), generator=gen)
+    t_local, t_cluster = (median_s(lambda m=m: m(ids), args.repeats) for m in (local, cluster))
+    print(f"prefill {args.prefill_tokens} tokens: in-process {t_local * 1e3:.0f} ms, cluster {t_cluster * 1e3:.0f} ms, "
+          f"ratio {t_cluster / t_local:.2f} (target <= 1.1)")
+    b = args.decode_batch
+    prompt = torch.randint(0, spec.vocab_size, (b, 16), generator=gen)
+    step_ids = torch.randint(0, spec.vocab_size, (b, 1), generator=gen)
+    per_model = []
+    for model in (local, cluster):
+        caches = model.new_caches(b)
+        model(prompt, caches)
+        per_model.append(median_s(lambda m=model, c=caches: m(step_ids, c), args.repeats))
+    extra_ms = (per_model[1] - per_model[0]) * 1e3 / moe_layers
+    print(f"decode step, batch {b}: in-process {per_model[0] * 1e3:.1f} ms, cluster {per_model[1] * 1e3:.1f} ms; "
+          f"extra per MoE layer {extra_ms:.2f} ms (target <= 0.5 ms)")
+    return {"prefill": {"tokens": args.prefill_tokens, "in_process_s": t_local, "cluster_s": t_cluster,
+                        "ratio": t_cluster / t_local},
+            "decode": {"batch": b, "in_process_s": per_model[0], "cluster_s": per_model[1],
+                       "extra_per_moe_layer_ms": extra_ms}}
+
+
+def _kv_capacity(engine, tokens_per_seq: int) -> dict:
+    s = engine.stats()
+    per_seq = -(-tokens_per_seq // s.block_size)
+    fits = s.blocks_total // per_seq
+    line = (f"KV pool: {s.blocks_total} blocks of {s.block_size} tokens ({s.pool_bytes / 2**20:.0f} MiB): "
+            f"{fits} sequences of {tokens_per_seq} tokens at once")
+    return {"blocks": s.blocks_total, "block_size": s.block_size, "pool_bytes": s.pool_bytes,
+            "sequences_of_workload": fits, "line": line}
+
+
+def _print_generation(s: int, args, results: dict) -> None:
+    print(f"generation {s} streams x {args.new_tokens} tokens ({args.prompt_tokens}-token prompts, greedy):")
+    print(f"  {'system':<13} {'tokens/s':>9} {'TTFT p50/p99 ms':>16} {'ITL p50/p99 ms':>15} {'vs vLLM':>8} "
+          f"{'vs transformers':>15} {'same tokens as in-process':>26}")
+    base = results["in-process"]["tokens"]
+    for name, r in results.items():
+        ttft = f"{r['ttft_s_p50'] * 1e3:.0f}/{r['ttft_s_p99'] * 1e3:.0f}" if "ttft_s_p50" in r else "-"
+        itl_key = "itl_s" if "itl_s_p50" in r else "itl_mean_s"  # vLLM: each request's mean, see vllm_peer.py
+        itl = f"{r[itl_key + '_p50'] * 1e3:.0f}/{r[itl_key + '_p99'] * 1e3:.0f}" if itl_key + "_p50" in r else "-"
+        vs = lambda other: (f"{r['tokens_per_s'] / results[other]['tokens_per_s']:.2f}x"  # noqa: E731
+                            if other in results and other != name else "")
+        print(f"  {name:<13} {r['tokens_per_s']:>9.0f} {ttft:>16} {itl:>15} {vs('vllm'):>8} {vs('transformers'):>15} "
+              f"{agreement(r['tokens'], base):>25.0%}")
+    if "transformers" in results:
+        ratio = results["cluster"]["tokens_per_s"] / results["transformers"]["tokens_per_s"]
+        print(f"  cluster / transformers = {ratio:.2f}x (target >= 1.5x)")
+    if "vllm" in results:
+        for name in ("cluster", "in-process"):
+            ratio = results[name]["tokens_per_s"] / results["vllm"]["tokens_per_s"]
+            print(f"  {name} / vLLM = {ratio:.2f}x (target {'>= 0.6x' if name == 'cluster' else '>= 0.8x'})")
+
+
+def _without_tokens(report: dict) -> dict:
+    out = json.loads(json.dumps(report, default=str))
+    for results in out["generation"].values():
+        for r in results.values():
+            r.pop("tokens", None)
+    out["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    return out

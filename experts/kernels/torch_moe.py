@@ -7,13 +7,16 @@ T = tokens, k = experts per token, H = hidden, F = expert FFN, S = slots here.
   index_add back into out [T, H]
 
 On CPU the sort-and-slice loop, torch._grouped_mm and a padded bmm measure
-within ~10% of each other (DESIGN.md), so this uses the simplest.
+within ~10% of each other (DESIGN.md), so this uses the simplest. The experts may be
+dense (ExpertWeights) or in oneDNN's packed layout (packed.PackedExperts, the faster CPU
+fp32 path): the loop is the same, packed.linear multiplies either.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from experts.kernels.packed import PackedExperts, linear
 from experts.kernels.weights import ExpertWeights
 
 
@@ -21,7 +24,7 @@ def torch_moe_forward(
     hidden: torch.Tensor,  # [T, H]
     slot_ids: torch.Tensor,  # [T, k] int, -1 = not held here
     weights: torch.Tensor,  # [T, k]
-    experts: ExpertWeights,
+    experts: ExpertWeights | PackedExperts,
 ) -> torch.Tensor:  # [T, H]
     num_tokens, top_k = slot_ids.shape
     out = torch.zeros(num_tokens, hidden.shape[1], dtype=torch.float32, device=hidden.device)
@@ -40,8 +43,9 @@ def torch_moe_forward(
             continue
         rows = token_of_pair[start : start + n]
         x = hidden[rows]  # [n, H]
-        act = F.silu(x @ experts.w_gate[slot].T) * (x @ experts.w_up[slot].T)  # [n, F]
-        y = (act @ experts.w_down[slot].T).to(torch.float32)  # [n, H]
+        gate, up, down = experts.slot(slot)
+        act = F.silu(linear(x, gate)) * linear(x, up)  # [n, F]
+        y = linear(act, down).to(torch.float32)  # [n, H]
         out.index_add_(0, rows, y * weight_of_pair[start : start + n, None])
         start += n
     return out.to(hidden.dtype)

@@ -36,6 +36,17 @@ class ExpertWeights:
         return self.w_gate.shape[1]
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self.w_gate.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.w_gate.device
+
+    def slot(self, s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.w_gate[s], self.w_up[s], self.w_down[s]
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.w_gate, self.w_up, self.w_down))
 

@@ -23,6 +23,7 @@ from typing import AsyncIterator
 
 from router_service.engine.block_manager import BlockManager
 from router_service.engine.config import EngineConfig, RequestTooLarge, kv_pool
+from router_service.engine.malloc import keep_freed_memory
 from router_service.engine.runner import ModelRunner, StepOutput
 from router_service.engine.scheduler import Scheduler
 from router_service.engine.sequence import Event, Sequence
@@ -51,6 +52,8 @@ class Engine:
     def __init__(self, dense: DenseModel, experts: ExpertsFn, config: EngineConfig = EngineConfig()):
         self.dense, self.experts, self.config = dense, experts, config
         self.spec = dense.spec
+        if dense.device.type == "cpu":
+            keep_freed_memory()  # step temporaries reused, not page-faulted in again each step (malloc.py)
         self.pool = kv_pool(dense, config)
         self.blocks = BlockManager(self.pool.num_blocks, self.pool.block_size)
         self.scheduler = Scheduler(config.scheduler, self.blocks)

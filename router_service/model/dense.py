@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from cluster.checkpoint.spec import ModelSpec
+from experts.kernels import packed
+from experts.kernels.packed import linear
 from router_service.model.kv_cache import KVCache
 from router_service.model.layers import RopeTables, apply_rope, rms_norm, route, swiglu
 
@@ -42,14 +44,23 @@ class AttentionContext(Protocol):
 
 
 class DenseModel:
-    """Holds every non-expert tensor of the model, by its checkpoint name."""
+    """Holds every non-expert tensor of the model, by its checkpoint name.
+
+    In fp32 on CPU every matrix but the embedding is held in oneDNN's packed layout (the faster
+    small-batch GEMM, experts/kernels/packed.py) instead of dense; linear() multiplies either."""
 
     def __init__(self, spec: ModelSpec, tensors: dict[str, torch.Tensor]):
         self.spec = spec
+        embed = tensors["model.embed_tokens.weight"]
+        self.dtype = embed.dtype
+        lm_head = embed if spec.tie_word_embeddings else tensors["lm_head.weight"]
+        if packed.supported(embed):
+            tensors = {n: packed.pack(t) if t.dim() == 2 and n != "model.embed_tokens.weight" else t
+                       for n, t in tensors.items()}
+            lm_head = packed.pack(lm_head) if spec.tie_word_embeddings else tensors["lm_head.weight"]
         self.t = tensors
-        self.dtype = tensors["model.embed_tokens.weight"].dtype
-        self.lm_head = tensors["model.embed_tokens.weight"] if spec.tie_word_embeddings else tensors["lm_head.weight"]
-        self.device = self.lm_head.device
+        self.lm_head = lm_head
+        self.device = embed.device
         # built once for every position the model takes: a step only indexes them
         self.rope = RopeTables(spec.max_position_embeddings, spec.head_dim, spec.rope_theta, self.dtype, self.device)
 
@@ -63,15 +74,15 @@ class DenseModel:
         """x [T, H] (normed) -> attention output [T, H]; the context stores k, v and attends."""
         s, p = self.spec, "self_attn"
         bias = (lambda n: self._w(layer, f"{p}.{n}.bias")) if s.qkv_bias else (lambda n: None)
-        q = F.linear(x, self._w(layer, f"{p}.q_proj.weight"), bias("q_proj")).view(-1, s.num_heads, s.head_dim)
-        k = F.linear(x, self._w(layer, f"{p}.k_proj.weight"), bias("k_proj")).view(-1, s.num_kv_heads, s.head_dim)
-        v = F.linear(x, self._w(layer, f"{p}.v_proj.weight"), bias("v_proj")).view(-1, s.num_kv_heads, s.head_dim)
+        q = linear(x, self._w(layer, f"{p}.q_proj.weight"), bias("q_proj")).view(-1, s.num_heads, s.head_dim)
+        k = linear(x, self._w(layer, f"{p}.k_proj.weight"), bias("k_proj")).view(-1, s.num_kv_heads, s.head_dim)
+        v = linear(x, self._w(layer, f"{p}.v_proj.weight"), bias("v_proj")).view(-1, s.num_kv_heads, s.head_dim)
         if s.qk_norm:  # Qwen3: RMSNorm per head before RoPE
             q = rms_norm(q, self._w(layer, f"{p}.q_norm.weight"), s.rms_norm_eps)
             k = rms_norm(k, self._w(layer, f"{p}.k_norm.weight"), s.rms_norm_eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o_bias = self._w(layer, f"{p}.o_proj.bias") if s.o_bias else None
-        return F.linear(attn.attend(layer, q, k, v), self._w(layer, f"{p}.o_proj.weight"), o_bias)
+        return linear(attn.attend(layer, q, k, v), self._w(layer, f"{p}.o_proj.weight"), o_bias)
 
     def gate(self, layer: int, x: torch.Tensor):
         """x [T, H] -> expert ids [T, k], routing weights [T, k] fp32."""
@@ -82,7 +93,7 @@ class DenseModel:
         """Qwen2-MoE's always-on expert, scaled by its own sigmoid gate [T, 1]."""
         w = lambda n: self._w(layer, f"mlp.shared_expert.{n}.weight")
         out = swiglu(x, w("gate_proj"), w("up_proj"), w("down_proj"))
-        return torch.sigmoid(F.linear(x, self._w(layer, "mlp.shared_expert_gate.weight"))) * out
+        return torch.sigmoid(linear(x, self._w(layer, "mlp.shared_expert_gate.weight"))) * out
 
     def dense_ffn(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         w = lambda n: self._w(layer, f"mlp.{n}.weight")
@@ -115,4 +126,4 @@ class DenseModel:
         if logit_rows is not None:
             h = h[logit_rows]
         h = rms_norm(h, self.t["model.norm.weight"], s.rms_norm_eps)
-        return F.linear(h, self.lm_head)  # [T or R, V]
+        return linear(h, self.lm_head)  # [T or R, V]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from experts.kernels.packed import linear
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """HF MixtralRMSNorm / Qwen2MoeRMSNorm: normalise in fp32, scale in the input dtype."""
@@ -68,8 +70,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, window
 
 
 def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-    """One dense SwiGLU FFN: x [T, H] -> [T, H] (HF MLP with silu)."""
-    return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+    """One dense SwiGLU FFN: x [T, H] -> [T, H] (HF MLP with silu); weights dense or packed."""
+    return linear(F.silu(linear(x, w_gate)) * linear(x, w_up), w_down)
 
 
 def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, normalize: bool):
@@ -78,7 +80,7 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, normalize: boo
     softmax over all experts in fp32, keep the top k, renormalise them when the family
     says so (Mixtral always; Qwen with norm_topk_prob) — HF MixtralTopKRouter et al.
     """
-    probs = torch.softmax(F.linear(x, gate_weight).to(torch.float32), dim=-1)  # [T, E]
+    probs = torch.softmax(linear(x, gate_weight).to(torch.float32), dim=-1)  # [T, E]
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)

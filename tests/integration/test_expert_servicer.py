@@ -150,7 +150,10 @@ def test_load_unload_change_bytes_and_free_memory(tiny_checkpoint):
             hidden, ids, weights = random_batch(5, 2, [1, 2])
             await stub.Forward(request(0, hidden, ids, weights))
 
-            old = weakref.ref(servicer._held[0].weights.w_gate)  # the stack that held expert 2
+            # expert 2's weights (packed on CPU fp32: each matrix its own tensor)
+            held = servicer._held[0].weights
+            old = weakref.ref(held.slot(held.num_slots - 1)[0])
+            del held
             unloaded = await stub.UnloadExperts(expert_pb2.UnloadExpertsRequest(slots=two))
             assert unloaded.loaded_bytes == base
             assert [(s.layer, s.expert) for s in unloaded.slots] == [(0, 1)]

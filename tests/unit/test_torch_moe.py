@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from experts.kernels.forward import KernelError, moe_forward, resolve_backend
+from experts.kernels import packed
+from experts.kernels.forward import KernelError, moe_forward, prepare, resolve_backend
+from experts.kernels.packed import PackedExperts
 from experts.kernels.torch_moe import torch_moe_forward
 from experts.kernels.weights import ExpertWeights
 
@@ -37,12 +39,19 @@ def make_case(tokens, hidden, ffn, slots, top_k, seed=0, dtype=torch.float32, sk
     return x, ids, w, experts
 
 
+LAYOUTS = ["dense", pytest.param("packed", marks=pytest.mark.skipif(
+    not packed.supported(torch.empty(0)), reason="this torch has no oneDNN weight packing"))]
+
+
 @pytest.mark.parametrize("tokens", [0, 1, 7, 64])
 @pytest.mark.parametrize("top_k", [1, 2, 4])
 @pytest.mark.parametrize("hidden, ffn", [(16, 24), (33, 50)])
-def test_torch_kernel_matches_float64(tokens, top_k, hidden, ffn):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_torch_kernel_matches_float64(tokens, top_k, hidden, ffn, layout):
+    """Dense stacks and oneDNN-packed weights (the CPU fp32 default) through the same loop."""
     x, ids, w, experts = make_case(tokens, hidden, ffn, slots=5, top_k=top_k)
-    got = torch_moe_forward(x, ids, w, experts)
+    weights = PackedExperts.from_dense(experts) if layout == "packed" else experts
+    got = torch_moe_forward(x, ids, w, weights)
     assert got.dtype == torch.float32 and got.shape == (tokens, hidden)
     if tokens:
         assert (got.double() - reference_moe(x, ids, w, experts)).abs().max().item() <= 1e-4
@@ -75,6 +84,19 @@ def test_interface_validates_arguments():
         moe_forward(x.double(), ids, w, experts)
     with pytest.raises(KernelError, match="backend must be one of"):
         moe_forward(x, ids, w, experts, backend="cuda")
+
+
+def test_prepare_packs_fp32_on_cpu_only_and_restacks_by_reference():
+    _, _, _, experts = make_case(1, 16, 24, slots=3, top_k=1)
+    ready = prepare(experts)
+    assert isinstance(ready, PackedExperts) == packed.supported(experts.w_gate)
+    assert prepare(experts.to(dtype=torch.bfloat16), "torch").dtype == torch.bfloat16  # bf16 stays dense
+    assert prepare(experts, "triton") is experts
+    if isinstance(ready, PackedExperts):
+        again = PackedExperts.stack([ready.slot(2), ready.slot(0)])  # a rebuild reuses the packed matrices
+        assert again.slot(0)[0] is ready.slot(2)[0] and (again.num_slots, again.hidden_size) == (2, 16)
+        with pytest.raises(KernelError, match="packed experts run on the torch backend only"):
+            moe_forward(torch.randn(1, 16), torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, 1), ready, "triton")
 
 
 def test_auto_backend_is_torch_on_cpu():

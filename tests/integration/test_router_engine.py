@@ -1,0 +1,107 @@
+"""A Router (no Serve) over real gRPC groups: the cluster's one dtype is checked at start, KV usage
+reaches Status and Prometheus, a request that can never fit is INVALID_ARGUMENT naming the numbers,
+and extreme sampling values in one request never fail its neighbours."""
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+
+import grpc
+import pytest
+import torch
+from elasticmoe.v1 import serving_pb2
+
+from cluster.checkpoint.reader import Checkpoint
+from cluster.placement.table import PlacementTable
+from helpers.groups import Groups
+from router_service.model.reference import ReferenceModel
+from router_service.serving.api import ApiError
+from router_service.serving.router import DtypeMismatch, Router, cluster_dtype
+from router_service.serving.router_config import RouterConfig, resolve_device
+
+
+@pytest.fixture(scope="module")
+def served(tiny_checkpoint):
+    spec = Checkpoint(tiny_checkpoint).spec
+    table = PlacementTable.round_robin(spec, ["pending:0", "pending:1"])
+    groups = Groups(tiny_checkpoint, [table.slots_of(0), table.slots_of(1)])
+    yield PlacementTable(1, tuple(groups.addresses), table.replicas).to_json()
+    groups.close()
+
+
+def router(checkpoint, placement, **settings) -> Router:
+    return Router(RouterConfig(checkpoint=str(checkpoint), placement=placement, metrics_port=0,
+                               metrics_host="127.0.0.1", **settings))
+
+
+def test_a_router_in_another_dtype_than_the_groups_refuses_to_start_naming_both(tiny_checkpoint, served):
+    with pytest.raises(DtypeMismatch, match=r"router dtype bfloat16 \(configured\) but expert group 127\.0\.0\.1:\d+ "
+                                            r"serves float32 \(and 1 more\): a cluster has one model dtype"):
+        router(tiny_checkpoint, served, dtype="bfloat16")
+
+
+def test_without_a_dtype_the_router_takes_the_groups_one():
+    reply = lambda d: type("Stats", (), {"dtype": d})()  # noqa: E731
+    cpu = torch.device("cpu")
+    assert cluster_dtype(None, cpu, {"a": reply("bfloat16"), "b": None}) == "bfloat16"
+    assert cluster_dtype(None, cpu, {}) == "float32"
+    assert cluster_dtype(None, torch.device("cuda"), {"a": None}) == "bfloat16"
+    with pytest.raises(DtypeMismatch, match="what the first group serves"):
+        cluster_dtype(None, cpu, {"a": reply("float32"), "b": reply("float16")})
+
+
+def test_device_values_are_checked():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    for bad in ("gpu", "tpu", "cuda:x", ""):
+        with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N"):
+            resolve_device(bad)
+
+
+def test_kv_usage_in_status_and_prometheus_and_too_large_is_invalid_argument(tiny_checkpoint, served):
+    r = router(tiny_checkpoint, served, kv_cache_bytes=32 * 16 * 512, kv_block_size=16)  # 32 blocks: 512 tokens
+    try:
+        assert r.engine.dense.dtype == torch.float32  # the groups' dtype
+        status = r.status()
+        assert (status.kv.blocks_total, status.kv.block_size, status.kv.blocks_used) == (32, 16, 0)
+        metrics = urllib.request.urlopen(f"http://{r.metrics_address}/metrics", timeout=10).read().decode()
+        assert 'elasticmoe_kv_blocks{state="total"} 32.0' in metrics
+        assert "elasticmoe_kv_preemptions_total 0.0" in metrics and 'elasticmoe_sequences{state="running"}' in metrics
+
+        async def generate(request):
+            return [ev async for ev in r.api.generate(request)]
+
+        request = serving_pb2.GenerateRequest(token_ids=list(range(2, 302)), max_tokens=300)
+        with pytest.raises(ApiError) as info:
+            asyncio.run(generate(request))
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "prompt (300) + max_tokens (300) needs 600 tokens of KV cache; this router's pool holds 512" \
+            in info.value.message
+    finally:
+        r.close()
+
+
+def test_extreme_sampling_values_never_fail_a_neighbour(tiny_checkpoint, served):
+    """A subnormal temperature, a huge one, top_p at the smallest float above 0: each samples, and a
+    greedy stream that shares their steps gets exactly the reference's tokens."""
+    r = router(tiny_checkpoint, served)
+    reference = ReferenceModel.from_pretrained(tiny_checkpoint)
+    try:
+        prompt = [5, 17, 42, 7]
+        extremes = [dict(temperature=1e-45), dict(temperature=3e38), dict(temperature=1.0, top_p=1e-45),
+                    dict(temperature=1e-38, top_k=1000000), dict(temperature=0.5, seed=2**64 - 1)]
+
+        async def run_all():
+            async def one(**sampling):
+                request = serving_pb2.GenerateRequest(token_ids=prompt, max_tokens=12, **sampling)
+                return [t for ev in [e async for e in r.api.generate(request)] for t in ev.token_ids]
+
+            return await asyncio.gather(one(), *(one(**e) for e in extremes))
+
+        greedy, *others = asyncio.run(run_all())
+        assert greedy == reference.generate_greedy(prompt, 12)[:len(greedy)] and len(greedy) >= 1
+        vocab = reference.spec.vocab_size
+        assert all(o and all(0 <= t < vocab for t in o) for o in others)
+        assert others[0] == greedy  # a subnormal temperature is greedy in effect
+    finally:
+        r.close()

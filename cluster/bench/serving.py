@@ -25,7 +25,8 @@ from cluster.bench.serving_runs import agreement, engine_run, median_s, summariz
 def add_arguments(p) -> None:
     p.add_argument("--checkpoint", default="checkpoints/demo-small", help="checkpoint (default: the demo one)")
     p.add_argument("--groups", type=int, default=2, help="expert groups (default 2)")
-    p.add_argument("--group-threads", type=int, default=None, help="torch threads per group (default: torch's)")
+    p.add_argument("--group-threads", type=int, default=1,
+                   help="torch threads per group (default 1: on a small machine the groups and the router share the cores)")
     p.add_argument("--device", default="auto", help="router and groups: auto (cuda when present) | cpu | cuda")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model dtype of router and groups (default: bfloat16 on cuda, float32 on cpu)")

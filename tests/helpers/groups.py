@@ -21,11 +21,13 @@ from router_service.serving.dispatch import RemoteExperts
 class Groups:
     """G expert-group servers on a private event loop in a background thread."""
 
-    def __init__(self, checkpoint, table_slots: list[list[tuple[int, int]]]):
+    def __init__(self, checkpoint, table_slots: list[list[tuple[int, int]]], device: str = "cpu",
+                 dtype: str | None = None):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        started = [self._run(serve_group(ExpertGroupConfig(str(checkpoint), slots, device="cpu", name=f"g{i}")))
+        started = [self._run(serve_group(ExpertGroupConfig(str(checkpoint), slots, device=device, dtype=dtype,
+                                                           name=f"g{i}")))
                    for i, slots in enumerate(table_slots)]
         self.servers = [s for s, _ in started]
         self.addresses = [a for _, a in started]

@@ -27,13 +27,6 @@ RESTART_TIMEOUT_S = 40
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def redis_server():
     with EmbeddedRedis() as server:
         yield server

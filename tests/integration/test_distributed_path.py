@@ -5,6 +5,8 @@ servers over loopback, placed round-robin over 1, 2 and 3 groups, for each famil
 """
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
@@ -151,6 +153,42 @@ def test_version_in_use_covers_the_step_in_flight(tiny_checkpoint):
         assert remote.version_in_use == 1  # a step on v1 is in flight
         remote(last, x, ids, w)
         assert remote.version_in_use == 2  # between steps: the next step takes v2
+    finally:
+        remote.close()
+        groups.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the GPU path (router and groups on "
+                                                          "CUDA, pinned staging, paged decode kernel) runs there")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_cuda_path_equals_the_reference(tiny_checkpoint, dtype):
+    """Router (dense model, KV pool, Triton paged decode) and 2 groups on CUDA over real gRPC: greedy
+    tokens equal ReferenceModel's on CPU in fp32; in bf16 the logits stay within tolerance."""
+    from router_service.engine.engine import Engine, EngineConfig
+    from router_service.model.sampling import SamplingParams
+
+    ckpt = Checkpoint(tiny_checkpoint)
+    table = PlacementTable.round_robin(ckpt.spec, ["pending:0", "pending:1"])
+    groups = Groups(tiny_checkpoint, [table.slots_of(0), table.slots_of(1)], device="cuda", dtype=dtype)
+    remote = RemoteExperts(ckpt.spec, PlacementTable(1, tuple(groups.addresses), table.replicas))
+    try:
+        torch_dtype = getattr(torch, dtype)
+        dense = DenseModel(ckpt.spec, {n: t.to("cuda") for n, t in ckpt.load_dense(torch_dtype).items()})
+        reference = ReferenceModel.from_pretrained(tiny_checkpoint)
+        prompt = [5, 17, 42, 7, 99, 3]
+        if dtype == "float32":
+            engine = Engine(dense, remote, EngineConfig(stop_at_eos=False))
+            try:
+                async def run():
+                    return [t async for ev in engine.generate(prompt, SamplingParams(max_tokens=8)) for t in ev.token_ids]
+
+                assert asyncio.run(run()) == reference.generate_greedy(prompt, 8)
+            finally:
+                engine.close()
+        else:
+            logits = ReferenceModel(dense, remote)(torch.tensor([prompt], device="cuda"))[0].float().cpu()
+            expected = reference(torch.tensor([prompt]))[0]
+            assert (logits - expected).abs().max() < 0.1 * expected.abs().max()
     finally:
         remote.close()
         groups.close()

@@ -43,6 +43,8 @@ from cluster.control.controller_lifecycle import NOT_SERVING, SERVING, GroupLife
 from cluster.control.controller_repair import GroupRepair
 from cluster.control.controller_requests import ManualRequests
 from cluster.control.controller_scaling import Scaling
+from cluster.control.gpu_requests import GpuRequests
+from cluster.control.retiring import Retiring
 from cluster.control.rebalance import Rebalancer
 from cluster.placement.table import PlacementTable
 from cluster.state.metrics import AutoscalerMetrics
@@ -60,9 +62,13 @@ class Controller(GroupLifecycle, GroupRepair, Scaling, ManualRequests):
     def __init__(self, config: ControllerConfig | dict):
         # All the state every part (mixin) reads and writes; the parts set nothing of their own.
         self.config = config if isinstance(config, ControllerConfig) else ControllerConfig.from_dict(config)
+        # Resolved here, in the controller's process: $ELASTICMOE_REDIS_URL and {ray_cluster} come from the
+        # node the controller runs on (controller_config.py). config keeps what it was given, so a later
+        # build compares like with like (cluster/deploy/serve_app.py).
+        self.redis_url, self.redis_namespace = self.config.redis_target()
         # Synchronous redis-py calls on the actor's event loop: a few small writes per control call,
         # bounded by state.SOCKET_TIMEOUT_S; never on a router's hot path.
-        self.state = ClusterState(self.config.redis_url, self.config.redis_namespace)
+        self.state = ClusterState(self.redis_url, self.redis_namespace)
         # names, _actors and _held are parallel lists indexed by group id (the table's group order):
         # whatever adds, drops or reorders a group changes all three together.
         self.names = [f"{self.config.name}-group-{i}" for i in range(self.config.num_groups)]
@@ -86,7 +92,9 @@ class Controller(GroupLifecycle, GroupRepair, Scaling, ManualRequests):
         self._metrics_server = None
         self._loop_task: asyncio.Task | None = None  # the control loop (controller_scaling.py), from start()
         self._adding: asyncio.Task | None = None  # a group being started for a scale-up
-        self._retiring: list[tuple[str, object, str, int]] = []  # (name, actor, address, version) removed groups
+        self._retiring: list[Retiring] = []  # groups removed by a scale-down, alive until no router uses them
+        self._answering: set[str] | None = None  # group addresses that answered Stats in the last round
+        self.gpu_requests = GpuRequests(on_change=self.metrics.gpu_request_bundles.set)  # gpu_requests.py
         self._last_stats: dict[str, tuple[dict, float, int]] = {}  # group name -> Stats counters last seen
         self._last_obs: Observation | None = None  # the last autoscaler round's, with its decision: for status()
         self.last_decision: Decision | None = None

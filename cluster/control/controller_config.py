@@ -2,6 +2,12 @@
 
 Every field is validated when built, with a message that names it: a bad value fails where
 it is written, not minutes later inside a group. The cluster secret is never in a repr.
+
+What comes from the environment is read in the controller's own process (redis_target(),
+expert_credentials()), i.e. on the node the controller runs on: on Kubernetes the head pod,
+where serveConfigV2's controller_label_selector pins it and whose template sets these
+variables. Whoever builds the config (Serve's build task, on whichever pod Serve picks)
+needs none of them.
 """
 from __future__ import annotations
 
@@ -14,13 +20,21 @@ from cluster.state.store import check_url
 from experts.config import DEVICES, DTYPES
 from experts.credentials import ExpertCredentials, ExpertTLS
 
+REDIS_URL_ENV = "ELASTICMOE_REDIS_URL"  # the Redis URL when redis_url is None (on Kubernetes: from a Secret)
+RAY_CLUSTER_ENV = "ELASTICMOE_RAY_CLUSTER"  # replaces RAY_CLUSTER_FIELD in redis_namespace
+RAY_CLUSTER_FIELD = "{ray_cluster}"
+
 
 @dataclass
 class ControllerConfig:
     checkpoint: str  # checkpoint directory, readable from every node a group may run on
     num_groups: int  # expert groups (one GPU each when the cluster has GPUs)
-    redis_url: str = field(repr=False)  # redis://[:password@]host:port/db or rediss:// for TLS; never in a repr
-    redis_namespace: str = "elasticmoe"  # key prefix in Redis (cluster/state/store.py)
+    # redis://[:password@]host:port/db or rediss:// for TLS; never in a repr. None: $ELASTICMOE_REDIS_URL of the
+    # controller's process (keeps the password out of serveConfigV2, which Serve logs).
+    redis_url: str | None = field(default=None, repr=False)
+    # Key prefix in Redis (cluster/state/store.py). "{ray_cluster}" becomes $ELASTICMOE_RAY_CLUSTER of the
+    # controller's process: one key space per Ray cluster, so blue/green clusters never share a placement.
+    redis_namespace: str = "elasticmoe"
     group_device: str = "auto"  # ExpertGroupConfig.device
     # The cluster's one model dtype: groups compute in it and routers are given it (model_dtype()).
     # None: bfloat16 when groups get GPUs, float32 on CPU.
@@ -46,9 +60,13 @@ class ControllerConfig:
             raise ValueError(f"checkpoint must be a non-empty path string, got {self.checkpoint!r}")
         if not _is_int(self.num_groups) or self.num_groups < 1:
             raise ValueError(f"num_groups must be an int >= 1, got {self.num_groups!r}")
-        check_url(self.redis_url)
-        if not isinstance(self.redis_namespace, str) or not self.redis_namespace or ":" in self.redis_namespace:
-            raise ValueError(f"redis_namespace must be a non-empty string without ':', got {self.redis_namespace!r}")
+        if self.redis_url is not None:
+            check_url(self.redis_url)
+        ns = self.redis_namespace
+        if not isinstance(ns, str) or not ns or ":" in ns or "{" in ns.replace(RAY_CLUSTER_FIELD, "") \
+                or "}" in ns.replace(RAY_CLUSTER_FIELD, ""):
+            raise ValueError(f"redis_namespace must be a non-empty string without ':' whose only placeholder is "
+                             f"{RAY_CLUSTER_FIELD}, got {ns!r}")
         if self.group_device not in DEVICES:
             raise ValueError(f"group_device must be one of {DEVICES}, got {self.group_device!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -87,6 +105,25 @@ class ControllerConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ControllerConfig":
         return config_from_dict(cls, d)
+
+    def redis_target(self, environ=os.environ) -> tuple[str, str]:
+        """(Redis URL, namespace) as the calling process sees them: redis_url or $ELASTICMOE_REDIS_URL, and
+        redis_namespace with {ray_cluster} replaced. A ValueError names the variable that is missing."""
+        url = self.redis_url or environ.get(REDIS_URL_ENV)
+        if not url:
+            raise ValueError(f"no Redis URL: redis_url is not set and ${REDIS_URL_ENV} is unset or empty where the "
+                             f"controller runs (on Kubernetes: the head pod, from the Redis Secret)")
+        check_url(url)
+        ns = self.redis_namespace
+        if RAY_CLUSTER_FIELD in ns:
+            cluster = environ.get(RAY_CLUSTER_ENV)
+            if not cluster:
+                raise ValueError(f"redis_namespace {ns!r} uses {RAY_CLUSTER_FIELD} but ${RAY_CLUSTER_ENV} is unset "
+                                 f"where the controller runs (on Kubernetes: the head pod, from its ray.io/cluster label)")
+            ns = ns.replace(RAY_CLUSTER_FIELD, cluster)
+            if ":" in ns:
+                raise ValueError(f"${RAY_CLUSTER_ENV} must not contain ':', got {cluster!r}")
+        return url, ns
 
     def expert_credentials(self, environ=os.environ) -> ExpertCredentials:
         """The cluster's expert-API credentials: the configured secret, else a fresh random one."""

@@ -65,6 +65,8 @@ class GroupLifecycle:
         self.autoscaler = Autoscaler(cfg.autoscaler, spec, self.telemetry)
         plan = PlacementTable.round_robin(spec, [f"pending:{i}" for i in range(cfg.num_groups)])
         num_gpus = self._num_gpus()
+        if num_gpus:  # a request a controller that died mid-add left standing would pin idle GPU pods
+            self.gpu_requests.clear()
         for i, name in enumerate(self.names):
             try:
                 self._actors.append(self._create_group(name, plan.slots_of(i), num_gpus))
@@ -109,6 +111,11 @@ class GroupLifecycle:
     def expert_credentials(self) -> ExpertCredentials:
         """What routers need to call the groups (a Ray call: it never leaves the cluster)."""
         return self.credentials
+
+    def redis_target(self) -> tuple[str, str]:
+        """(Redis URL, namespace) this controller publishes to, as resolved on its own node; routers
+        follow the same (a Ray call: the URL may hold a password and never leaves the cluster)."""
+        return self.redis_url, self.redis_namespace
 
     def _num_gpus(self) -> float:
         if self.config.num_gpus_per_group is not None:
@@ -161,7 +168,7 @@ class GroupLifecycle:
     async def _kill_all(self) -> None:
         addresses = list(self._table.groups if self._table is not None else (None,) * len(self._actors))
         groups = list(zip(self.names, self._actors, addresses))
-        groups += [(name, actor, address) for name, actor, address, _ in self._retiring]
+        groups += [(g.name, g.actor, g.address) for g in self._retiring]
         await self._kill(groups)
         self._actors, self._held, self._retiring = [], [], []
         self.names = [f"{self.config.name}-group-{i}" for i in range(self.config.num_groups)]

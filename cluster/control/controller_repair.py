@@ -81,6 +81,7 @@ class GroupRepair:
                           self.names[i], table.groups[i], failed[self.names[i]])
             elif result != table.groups[i]:
                 moved[i] = result
+                self.metrics.group_restarts.labels(self.names[i]).inc()
         if moved:
             groups = tuple(moved.get(i, address) for i, address in enumerate(table.groups))
             new = PlacementTable(table.version + 1, groups, table.replicas, table.shares)

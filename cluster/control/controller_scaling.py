@@ -18,20 +18,10 @@ from elasticmoe.v1 import expert_pb2
 
 from cluster.control.autoscaler import ADD_GROUP, REBALANCE, REMOVE_GROUP, Decision, Observation
 from cluster.control.rebalance import RebalanceResult, grpc_call
+from cluster.control.retiring import RETIRE_WAIT_S, Retiring, ready_to_kill
 from cluster.placement.table import PlacementTable
 
 log = logging.getLogger("cluster.control.controller")  # one logger for the whole controller, named as before the split
-
-
-def _request_gpus(num_groups: int) -> None:
-    """Ask the Ray autoscaler (KubeRay's in-tree one) for GPU room for num_groups groups now,
-    so a node starts while the new group's actor waits; a no-op without an autoscaler."""
-    try:
-        from ray.autoscaler.sdk import request_resources
-
-        request_resources(bundles=[{"GPU": 1}] * num_groups)
-    except Exception as e:  # no autoscaler here: the actor's own GPU request is what waits
-        log.info("request_resources unavailable (%s); the group's GPU request alone will wait", e)
 
 
 class Scaling:
@@ -68,6 +58,7 @@ class Scaling:
         replies = await asyncio.gather(*(grpc_call(a, "Stats", expert_pb2.StatsRequest(),
                                                    self.config.health_timeout_s, self.credentials) for a in addresses),
                                        return_exceptions=True)
+        self._answering = {a for a, reply in zip(addresses, replies) if not isinstance(reply, BaseException)}
         now = time.time()
         for name, reply in zip(names, replies):
             if isinstance(reply, BaseException):
@@ -144,6 +135,11 @@ class Scaling:
         m.replicated.set(int((counts > 1).sum()))
         for name, u in obs.utilization.items():
             m.utilization.labels(name).set(u)
+        for name in self.names:
+            m.group_restarts.labels(name)  # at 0 from the start: increase() sees the first restart
+        if self._answering is not None:
+            live = {g for g, address in enumerate(table.groups) if address in self._answering}
+            m.unserved.set(sum(1 for groups in table.replicas.values() if not live.intersection(groups)))
         for l, layer in enumerate(self.spec.sparse_layers):
             m.layer_max_load.labels(str(layer)).set(float(obs.loads[l].max()) if obs.loads.size else 0.0)
             if m.per_expert:
@@ -196,8 +192,8 @@ class Scaling:
         actor = None
         try:
             try:
-                if num_gpus:
-                    _request_gpus(len(self.names) + 1)  # lets the Ray/KubeRay autoscaler add a node ahead of time
+                # lets the Ray (KubeRay) autoscaler start a node ahead of time; cleared below, whatever happens
+                self.gpu_requests.ask(len(self.names) + 1, num_gpus)
                 actor = self._create_group(name, [], num_gpus)
                 log.info("controller %s: adding group %s (%s)", cfg.name, name, reason)
                 address = await asyncio.wait_for(actor.start.remote(), cfg.group_start_timeout_s)
@@ -228,6 +224,8 @@ class Scaling:
             log.exception("controller %s: adding group %s failed", cfg.name, name)
             self.metrics.group_changes.labels("up_failed").inc()
         finally:
+            if num_gpus:  # the group holds its GPU or is gone: a standing request would pin idle GPU pods
+                self.gpu_requests.clear()
             self._adding = None
 
     async def _remove_last_group(self, decision: Decision) -> None:
@@ -240,17 +238,19 @@ class Scaling:
             return
         name, actor, address = self.names.pop(), self._actors.pop(), old.groups[keep]
         self._held.pop()
-        self._retiring.append((name, actor, address, self._table.version))
+        self._retiring.append(Retiring(name, actor, address, self._table.version, time.monotonic()))
         self.metrics.group_changes.labels("down").inc()
+        if self._num_gpus():  # nothing may keep the Ray autoscaler from removing the GPU pod once it idles
+            self.gpu_requests.clear()
         await self._finish_retiring()
 
     async def _finish_retiring(self) -> None:
-        """Kill removed groups once no router routes by a placement that still named them."""
+        """Kill removed groups once no router can still route by a placement that named them
+        (cluster/control/retiring.py: silence waits up to RETIRE_WAIT_S)."""
         if not self._retiring:
             return
-        routers = await asyncio.to_thread(self.telemetry.routers)
-        oldest = min((r["version"] for r in routers.values()), default=None)
-        done = [g for g in self._retiring if oldest is None or oldest >= g[3]]
+        routers = await asyncio.to_thread(self.telemetry.routers, RETIRE_WAIT_S)
+        done = ready_to_kill(self._retiring, [r["version"] for r in routers.values()], time.monotonic())
         if done:
-            await self._kill([(name, actor, address) for name, actor, address, _ in done])
+            await self._kill([(g.name, g.actor, g.address) for g in done])
             self._retiring = [g for g in self._retiring if g not in done]

@@ -1,11 +1,20 @@
 """The Serve application builder behind serveConfigV2 (`import_path: cluster.deploy.serve_app:app_builder`).
 
     serveConfigV2 args --AppArgs.from_dict--> typed args (unknown keys refused, by name)
-      -> redis_url: args, else $ELASTICMOE_REDIS_URL (from a Secret on Kubernetes)
-      -> redis_namespace: "{ray_cluster}" replaced by $ELASTICMOE_RAY_CLUSTER
-      -> find_or_create_controller(): the detached named ControllerActor of this Ray cluster
-      -> controller.start() (idempotent: starts the groups once) -> controller.placement() (JSON)
-      -> router_service.serving.deployment.build_app(router config + placement + redis_url)
+      -> ControllerConfig (validated here; env left to the controller) and the router keys (validated)
+      -> find_or_create_controller(): the detached named ControllerActor of this Ray cluster, pinned
+         by controller_label_selector (on Kubernetes: the head pod)
+           the controller reads, on its own node: $ELASTICMOE_REDIS_URL, $ELASTICMOE_RAY_CLUSTER (for
+           "{ray_cluster}" in redis_namespace), the checkpoint's config.json
+      -> controller.start() (idempotent: starts the groups once) -> placement, credentials, dtype,
+         the Redis URL and namespace it resolved (Ray calls)
+      -> router_service.serving.deployment.build_app(router config + all of that)
+
+The builder reads nothing from the node it runs on: no environment variable, no file. Where
+Serve runs it is Serve's business (Ray 2.60 pins the build task to the deployments' shared
+label_selector, `_get_shared_build_app_label_selector` in ray/serve/_private/application_state.py,
+and leaves it unpinned otherwise: the head, a router or an expert pod), and nothing here depends
+on it. What each actor reads follows from where the manifests put it (k8s/README.md).
 
 Ray Serve runs the builder in a task (`build_serve_application`), again on every
 in-place serveConfigV2 update and up to 3 more times when it raises. Hence find-or-create:
@@ -16,10 +25,7 @@ ones logs which keys differ and keeps the running controller (a new RayCluster, 
 KubeRay blue/green upgrade, or `ray.kill` of the controller, applies them).
 
 Serve logs the args of every build ("Importing application ... with arguments ..."), so
-a Redis password belongs in $ELASTICMOE_REDIS_URL, not in `redis_url`. Serve runs the
-builder task on the nodes the deployments' shared `label_selector` names (Ray 2.60,
-`_get_shared_build_app_label_selector`): on Kubernetes the router pods, which alone
-carry that variable.
+a Redis password belongs in $ELASTICMOE_REDIS_URL, not in `redis_url`.
 
 Why "{ray_cluster}" in the Redis namespace: during a blue/green upgrade two Ray clusters
 share one Redis; each must own its placement keys, or the two controllers would publish
@@ -29,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass, field
 
 from cluster.config import config_from_dict
@@ -37,9 +42,6 @@ from cluster.config import config_from_dict
 log = logging.getLogger(__name__)
 
 RAY_NAMESPACE = "elasticmoe"  # the Ray namespace of the controller (moectl serve uses the same)
-REDIS_URL_ENV = "ELASTICMOE_REDIS_URL"
-RAY_CLUSTER_ENV = "ELASTICMOE_RAY_CLUSTER"
-RAY_CLUSTER_FIELD = "{ray_cluster}"
 # Set from the top-level args, so the controller and the routers cannot disagree on them.
 CONTROLLER_OWN_KEYS = ("checkpoint", "num_groups", "redis_url", "redis_namespace")
 ROUTER_OWN_KEYS = ("checkpoint", "placement", "redis_url", "redis_namespace")
@@ -54,8 +56,8 @@ class AppArgsError(ValueError):
 class AppArgs:
     checkpoint: str  # checkpoint directory, mounted at this path on every router and expert pod
     num_groups: int  # expert groups the controller starts with
-    redis_url: str | None = None  # None: $ELASTICMOE_REDIS_URL (keep passwords out of serveConfigV2)
-    redis_namespace: str = "elasticmoe"  # Redis key prefix; "{ray_cluster}" -> $ELASTICMOE_RAY_CLUSTER
+    redis_url: str | None = None  # None: $ELASTICMOE_REDIS_URL where the controller runs (no password here)
+    redis_namespace: str = "elasticmoe"  # Redis key prefix; "{ray_cluster}" -> $ELASTICMOE_RAY_CLUSTER, ditto
     controller: dict = field(default_factory=dict)  # more ControllerConfig keys, incl. autoscaler: {...}
     router: dict = field(default_factory=dict)  # more RouterConfig keys (dtype, max_running, metrics_port, ...)
     controller_label_selector: dict = field(default_factory=dict)  # Ray node labels the controller must run on
@@ -90,44 +92,24 @@ class AppArgs:
         except (TypeError, ValueError) as e:  # a required key missing, an unknown one
             raise AppArgsError(f"application args: {e}") from None
 
-    # ---- resolved, typed configs ----------------------------------------------------------
+    # ---- the typed configs ----------------------------------------------------------------
 
-    def resolve_redis_url(self, environ=os.environ) -> str:
-        url = self.redis_url or environ.get(REDIS_URL_ENV)
-        if not url:
-            raise AppArgsError(f"no Redis URL: set the environment variable {REDIS_URL_ENV} where Serve runs this "
-                               f"builder (on Kubernetes: the router pods, from the Redis Secret), or args.redis_url "
-                               f"in serveConfigV2 (which Serve logs: no password there)")
-        return url
-
-    def resolve_namespace(self, environ=os.environ) -> str:
-        ns = self.redis_namespace
-        if not isinstance(ns, str):
-            raise AppArgsError(f"redis_namespace must be a string, got {ns!r}")
-        if RAY_CLUSTER_FIELD in ns:
-            cluster = environ.get(RAY_CLUSTER_ENV)
-            if not cluster:
-                raise AppArgsError(f"redis_namespace {ns!r} uses {RAY_CLUSTER_FIELD} but {RAY_CLUSTER_ENV} is not "
-                                   f"set (on Kubernetes: from the pod label ray.io/cluster)")
-            ns = ns.replace(RAY_CLUSTER_FIELD, cluster)
-        if "{" in ns or "}" in ns:
-            raise AppArgsError(f"redis_namespace {self.redis_namespace!r}: the only placeholder is {RAY_CLUSTER_FIELD}")
-        return ns
-
-    def controller_config(self, redis_url: str, namespace: str):
-        """The ControllerConfig these args ask for (ValueError naming the key when one is wrong)."""
+    def controller_config(self):
+        """The ControllerConfig these args ask for (AppArgsError naming the key when one is wrong). The
+        environment it needs is read by the controller itself, on its node (ControllerConfig.redis_target)."""
         from cluster.control.controller import ControllerConfig
 
         try:
             return ControllerConfig.from_dict({**self.controller, "checkpoint": self.checkpoint,
-                                               "num_groups": self.num_groups, "redis_url": redis_url,
-                                               "redis_namespace": namespace})
+                                               "num_groups": self.num_groups, "redis_url": self.redis_url,
+                                               "redis_namespace": self.redis_namespace})
         except (TypeError, ValueError) as e:
             raise AppArgsError(f"application args, controller: {e}") from None
 
-    def router_config(self, placement: str, redis_url: str, namespace: str, dtype: str | None = None):
-        """The RouterConfig of every router replica (ValueError naming the key when one is wrong); dtype:
-        the cluster's (the controller's model_dtype()), which a router setting may repeat but not contradict."""
+    def router_config(self, placement: str, redis_url: str | None, namespace: str, dtype: str | None = None):
+        """The RouterConfig of every router replica (ValueError naming the key when one is wrong). redis_url,
+        namespace: what the controller resolved (redis_target()); dtype: the cluster's (the controller's
+        model_dtype()), which a router setting may repeat but not contradict."""
         from router_service.serving.router_config import RouterConfig
 
         mine = self.router.get("dtype")
@@ -187,18 +169,17 @@ def app_builder(args: dict):
     from router_service.serving.deployment import build_app
 
     parsed = AppArgs.from_dict(dict(args))
-    redis_url, namespace = parsed.resolve_redis_url(), parsed.resolve_namespace()
-    config = parsed.controller_config(redis_url, namespace)  # bad settings fail here, before anything starts
-    parsed.router_config(_EMPTY_PLACEMENT, redis_url, namespace)  # and router ones too
-    log.info("elasticmoe app: checkpoint %s, %d group(s), redis %s namespace %s, controller %s",
-             parsed.checkpoint, parsed.num_groups, redact_url(redis_url), namespace, config.name)
+    config = parsed.controller_config()  # bad settings fail here, before anything starts
+    parsed.router_config(_EMPTY_PLACEMENT, None, "elasticmoe")  # and router ones too
+    log.info("elasticmoe app: checkpoint %s, %d group(s), controller %s (label selector %s)", parsed.checkpoint,
+             parsed.num_groups, config.name, parsed.controller_label_selector or "none")
     controller = find_or_create_controller(config, parsed.controller_label_selector)
     summary = ray.get(controller.start.remote(), timeout=config.group_start_timeout_s + START_MARGIN_S)
-    placement = ray.get(controller.placement.remote(), timeout=60)
-    log.info("elasticmoe app: controller %s serving placement v%d on %d group(s)", config.name, summary["version"],
-             len(summary["groups"]))
-    credentials = ray.get(controller.expert_credentials.remote(), timeout=60)
-    dtype = ray.get(controller.model_dtype.remote(), timeout=60)
+    placement, credentials, dtype, (redis_url, namespace) = ray.get(
+        [controller.placement.remote(), controller.expert_credentials.remote(), controller.model_dtype.remote(),
+         controller.redis_target.remote()], timeout=60)
+    log.info("elasticmoe app: controller %s serving placement v%d on %d group(s), redis %s namespace %s", config.name,
+             summary["version"], len(summary["groups"]), redact_url(redis_url), namespace)
     router = parsed.router_config(placement, redis_url, namespace, dtype)
     return build_app(dataclasses.asdict(router), credentials)
 

@@ -17,6 +17,9 @@ process (tests, `moectl serve`) never collide.
 | `elasticmoe_kv_blocks` | gauge | state (used, total) | router: KV cache blocks of the pool |
 | `elasticmoe_kv_preemptions_total` | counter | | router: sequences preempted for KV blocks (recomputed later) |
 | `elasticmoe_sequences` | gauge | state (running, waiting) | router: sequences holding KV blocks, and queued |
+| `elasticmoe_generated_tokens_total` | counter | | router: tokens streamed to clients by Generate |
+| `elasticmoe_ttft_seconds` | histogram | | router: a Generate's first token, from the call reaching the replica (queueing included) |
+| `elasticmoe_itl_seconds` | histogram | | router: time between a Generate's successive streamed tokens |
 | `elasticmoe_expert_load` | gauge | layer, expert | autoscaler, per_expert only: pairs/s over the window |
 | `elasticmoe_expert_replicas` | gauge | layer, expert | autoscaler, per_expert only |
 | `elasticmoe_layer_max_expert_load` | gauge | layer | autoscaler: the hottest expert's pairs/s |
@@ -32,6 +35,13 @@ process (tests, `moectl serve`) never collide.
 | `elasticmoe_weights_moved_total` | counter | | autoscaler: expert replicas loaded onto a group |
 | `elasticmoe_weight_bytes_moved_total` | counter | | autoscaler: their bytes |
 | `elasticmoe_group_changes_total` | counter | direction | autoscaler: groups added (up), not added (up_failed), removed (down), lost for good (lost) |
+| `elasticmoe_group_restarts_total` | counter | group | autoscaler: a group Ray restarted, started again and re-published by the controller |
+| `elasticmoe_experts_without_live_replica` | gauge | | autoscaler: (layer, expert) pairs whose every replica is on a group that did not answer Stats in the last round |
+| `elasticmoe_gpu_request_bundles` | gauge | | autoscaler: GPU bundles asked of the Ray autoscaler (`request_resources`), 0 when none is pending |
+
+Series with a label are created at zero as soon as their label value is known (a group in the
+placement, a rebalance result, a direction), so a query over them returns series before the
+first failure and `rate()`/`increase()` count the first event.
 """
 from __future__ import annotations
 
@@ -43,6 +53,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 log = logging.getLogger(__name__)
 
 _SECONDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+# A first token waits for the queue and the prompt's prefill: seconds, up to a minute under overload.
+_TTFT_SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_ITL_SECONDS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+REBALANCE_RESULTS = ("started", "finished", "partial", "failed")
+GROUP_CHANGES = ("up", "up_failed", "down", "lost")
 
 
 def serve_metrics(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> tuple[object, str]:
@@ -75,6 +90,11 @@ class RouterMetrics:
                                        registry=r)
         self.telemetry_dropped = Counter("elasticmoe_telemetry_dropped", "load batches lost while Redis was down",
                                          registry=r)
+        self.generated_tokens = Counter("elasticmoe_generated_tokens", "tokens streamed by Generate", registry=r)
+        self.ttft = Histogram("elasticmoe_ttft_seconds", "time to a Generate's first token", buckets=_TTFT_SECONDS,
+                              registry=r)
+        self.itl = Histogram("elasticmoe_itl_seconds", "time between a Generate's streamed tokens",
+                             buckets=_ITL_SECONDS, registry=r)
 
     def watch_engine(self, stats) -> None:
         """Engine figures read at scrape time from stats() (an object with blocks_used, blocks_total,
@@ -89,6 +109,19 @@ class RouterMetrics:
                 self.expert_routed.labels(str(layer), str(expert)).inc(n)
         for layer, n in by_layer.items():
             self.routed.labels(str(layer)).inc(n)
+
+    def on_tokens(self, num_tokens: int, since_previous_s: float, first: bool) -> None:
+        """A Generate streamed num_tokens tokens since_previous_s after its previous ones (after its start
+        when first). One observation per streamed message: the engine sends one token per step."""
+        self.generated_tokens.inc(num_tokens)
+        (self.ttft if first else self.itl).observe(since_previous_s)
+
+    def on_placement(self, version: int, num_groups: int) -> None:
+        """The placement in use; every group's Forward series exist (at 0) from here on."""
+        self.placement_version.set(version)
+        for g in range(num_groups):
+            for family in (self.forward_seconds, self.forward_failures, self.forward_slow):
+                family.labels(str(g))
 
     def on_forward(self, group: int, seconds: float, outcome: str) -> None:
         """outcome: "ok", "failed", or "slow" (given up after forward_slow_s and moved)."""
@@ -143,3 +176,13 @@ class AutoscalerMetrics:
                                           registry=r)
         self.group_changes = Counter("elasticmoe_group_changes", "groups added or removed", ["direction"],
                                      registry=r)
+        self.group_restarts = Counter("elasticmoe_group_restarts", "groups restarted by Ray and re-published",
+                                      ["group"], registry=r)
+        self.unserved = Gauge("elasticmoe_experts_without_live_replica", "(layer, expert) pairs with no replica on a "
+                              "group that answered Stats in the last round", registry=r)
+        self.gpu_request_bundles = Gauge("elasticmoe_gpu_request_bundles", "GPU bundles asked of the Ray autoscaler",
+                                         registry=r)
+        for result in REBALANCE_RESULTS:
+            self.rebalances.labels(result)
+        for direction in GROUP_CHANGES:
+            self.group_changes.labels(direction)

@@ -6,6 +6,7 @@ the field and the allowed range; protobuf types stop here and never go deeper.
 """
 from __future__ import annotations
 
+import time
 from typing import AsyncIterator, Callable
 
 import grpc
@@ -43,9 +44,12 @@ def dispatch_failure(e: DispatchError) -> ApiError:
 
 class MoEApi:
     def __init__(self, engine: Engine, spec: ModelSpec, tokenizer: Tokenizer | None,
-                 status: Callable[[], serving_pb2.StatusResponse] | None = None):
+                 status: Callable[[], serving_pb2.StatusResponse] | None = None,
+                 on_tokens: Callable[[int, float, bool], None] | None = None):
+        """on_tokens(num_tokens, seconds since the previous ones or the call's start, first): metrics."""
         self.engine, self.spec, self.tokenizer = engine, spec, tokenizer
         self._status = status or (lambda: serving_pb2.StatusResponse(serving=True))
+        self._on_tokens = on_tokens or (lambda n, seconds, first: None)
 
     # ---- validation at the edge ----
 
@@ -118,8 +122,13 @@ class MoEApi:
     async def generate(self, request: serving_pb2.GenerateRequest) -> AsyncIterator[serving_pb2.GenerateResponse]:
         prompt, params = self.validate_generate(request)
         emitted: list[int] = []
+        last, first = time.monotonic(), True  # TTFT from here: queueing and prefill included
         try:
             async for event in self.engine.generate(prompt, params):
+                if event.token_ids:
+                    now = time.monotonic()
+                    self._on_tokens(len(event.token_ids), now - last, first)
+                    last, first = now, False
                 text = ""
                 if self.tokenizer is not None and event.token_ids:  # text that the new tokens complete
                     before = self.tokenizer.decode(emitted)

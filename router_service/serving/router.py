@@ -88,7 +88,8 @@ class Router:
             self.reporter = TelemetryReporter(self.experts, Telemetry(state), config.telemetry_flush_s,
                                               metrics_address=self.metrics_address, on_flush=self._on_flush,
                                               on_drop=self.metrics.telemetry_dropped.inc)
-        self.api = MoEApi(self.engine, spec, Tokenizer.from_dir(config.checkpoint), self.status)
+        self.api = MoEApi(self.engine, spec, Tokenizer.from_dir(config.checkpoint), self.status,
+                          on_tokens=self.metrics.on_tokens)
         self.spec = spec
         log.info("router up: %s, %s on %s (torch threads %d), %d dense MiB, placement v%d over %d groups",
                  spec.family, dtype, device, torch.get_num_threads(), checkpoint.loaded_bytes // 2**20,
@@ -155,7 +156,8 @@ class Router:
 
     def _on_flush(self, counts) -> None:
         self.metrics.on_load(counts)
-        self.metrics.placement_version.set(self.experts.table.version)
+        table = self.experts.table
+        self.metrics.on_placement(table.version, len(table.groups))
 
     def close(self):
         if self.reporter is not None:

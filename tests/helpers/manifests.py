@@ -1,7 +1,8 @@
 """Test helper: the k8s/ overlays rendered as `kubectl kustomize` renders them, and lookups on them.
 
 Without kubectl a small fallback renderer (resources, components, JSON6902 patches with a target,
-images, namespace) renders the same objects; tests/k8s/test_k8s_manifests.py checks both agree.
+images, namespace, configMapGenerator from files with a fixed name) renders the same objects;
+tests/k8s/test_k8s_manifests.py checks both agree.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").exists())
+OBSERVABILITY = K8S / "observability"
 CRD_DIR = Path(__file__).resolve().parents[3] / "shared" / "kuberay-crds"
 KUBECTL = shutil.which("kubectl")
 NAMESPACE = "elasticmoe"
@@ -42,14 +44,15 @@ def render(path: Path, use_kubectl: bool | None = None) -> list[dict]:
     return copy.deepcopy(list(_render_cached(str(path), use)))
 
 
-FALLBACK_KEYS = {"apiVersion", "kind", "resources", "components", "patches", "images", "namespace"}
+FALLBACK_KEYS = {"apiVersion", "kind", "resources", "components", "patches", "images", "namespace", "configMapGenerator"}
 CLUSTER_SCOPED = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding", "PersistentVolume",
                   "StorageClass"}
 
 
 def build_fallback(path: Path, accumulated: list[dict] | None = None) -> list[dict]:
     """render_fallback: resources (files, directories), components, JSON6902 patches with a
-    target (inline or path), images (any containers/initContainers list), namespace."""
+    target (inline or path), images (any containers/initContainers list), namespace, and
+    configMapGenerator entries made of files with disableNameSuffixHash (a fixed name)."""
     k = yaml.safe_load((path / "kustomization.yaml").read_text())
     unknown = set(k) - FALLBACK_KEYS
     if unknown:
@@ -60,6 +63,7 @@ def build_fallback(path: Path, accumulated: list[dict] | None = None) -> list[di
         objects += build_fallback(p) if p.is_dir() else [d for d in yaml.safe_load_all(p.read_text()) if d]
     for entry in k.get("components", []):
         objects = build_fallback((path / entry).resolve(), objects)
+    objects += [_config_map(path, g) for g in k.get("configMapGenerator", [])]
     for patch in k.get("patches", []):
         if set(patch) - {"path", "patch", "target"} or "target" not in patch:
             raise NotImplementedError(f"{path}: only JSON6902 patches with a target, got {patch}")
@@ -77,6 +81,17 @@ def build_fallback(path: Path, accumulated: list[dict] | None = None) -> list[di
             if o["kind"] not in CLUSTER_SCOPED:
                 o["metadata"]["namespace"] = k["namespace"]
     return objects
+
+
+def _config_map(path: Path, generator: dict) -> dict:
+    options = generator.get("options", {})
+    if set(generator) - {"name", "files", "options"} or set(options) - {"labels", "disableNameSuffixHash"} \
+            or not options.get("disableNameSuffixHash"):
+        raise NotImplementedError(f"{path}: only configMapGenerator name/files/options.labels with "
+                                  f"disableNameSuffixHash, got {generator}")
+    metadata = {"name": generator["name"], **({"labels": dict(options["labels"])} if "labels" in options else {})}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata,
+            "data": {Path(f).name: (path / f).read_text() for f in generator["files"]}}
 
 
 def _targeted(o: dict, target: dict) -> bool:

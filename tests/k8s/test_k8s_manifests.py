@@ -34,6 +34,7 @@ from helpers.manifests import (  # noqa: F401
     K8S,
     KUBECTL,
     NAMESPACE,
+    OBSERVABILITY,
     OVERLAYS,
     ROLE,
     ROOT,
@@ -58,13 +59,13 @@ def overlay(request):
 
 def test_every_overlay_renders_and_the_fallback_matches_kubectl():
     assert {"dev-cpu", "gpu"} <= set(OVERLAYS)
-    for name in OVERLAYS:
-        objects = render(K8S / "overlays" / name, use_kubectl=False)
-        assert len(find(objects, "RayService")) == 1
-        assert all(o["metadata"].get("namespace") == NAMESPACE for o in objects), name
+    for path in [K8S / "overlays" / name for name in OVERLAYS] + [OBSERVABILITY]:
+        objects = render(path, use_kubectl=False)
+        assert len(find(objects, "RayService")) == (0 if path == OBSERVABILITY else 1)
+        assert all(o["metadata"].get("namespace") == NAMESPACE for o in objects), path
         if KUBECTL:  # the fallback must be faithful wherever it can be compared
             key = lambda o: (o["kind"], o["metadata"]["name"])  # noqa: E731
-            assert sorted(objects, key=key) == sorted(render(K8S / "overlays" / name, use_kubectl=True), key=key)
+            assert sorted(objects, key=key) == sorted(render(path, use_kubectl=True), key=key), path
 
 
 def test_fallback_refuses_what_it_does_not_implement(tmp_path):
@@ -184,7 +185,8 @@ def shape(kind: str, pod_template: dict) -> dict:
         "Service": _top("v1", "Service", obj("ports", type={"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
                                              clusterIP=STR, selector=STRMAP, ports={
             "type": "array", "minItems": 1, "items": obj("port", name=STR, port=INT, targetPort=INT_OR_STR,
-                                                         protocol={"enum": ["TCP", "UDP", "SCTP"]})})),
+                                                         protocol={"enum": ["TCP", "UDP", "SCTP"]},
+                                                         appProtocol=STR)})),
         "Secret": _top("v1", "Secret", type=STR, data=STRMAP, stringData=STRMAP),
         "PersistentVolumeClaim": _top("v1", "PersistentVolumeClaim", obj(
             "accessModes", "resources", storageClassName=STR, volumeMode={"enum": ["Filesystem", "Block"]},
@@ -318,14 +320,16 @@ def test_args_parse_into_the_typed_configs(overlay):
     args = the_app(objects)["args"]
     assert "redis_url" not in args, "Serve logs args: the Redis URL (password) comes from ELASTICMOE_REDIS_URL"
     parsed = AppArgs.from_dict(args)
-    namespace = parsed.resolve_namespace({"ELASTICMOE_RAY_CLUSTER": "elasticmoe-x7k2p"})
+    controller = parsed.controller_config()
+    # resolved by the controller, on its own pod, from what the head's template sets
+    url, namespace = controller.redis_target({"ELASTICMOE_REDIS_URL": "redis://:pw@elasticmoe-redis:6379/0",
+                                              "ELASTICMOE_RAY_CLUSTER": "elasticmoe-x7k2p"})
     assert namespace == "elasticmoe-elasticmoe-x7k2p", "one Redis namespace per RayCluster (blue/green)"
-    controller = parsed.controller_config("redis://:pw@elasticmoe-redis:6379/0", namespace)
-    parsed.router_config(_EMPTY_PLACEMENT, "redis://:pw@elasticmoe-redis:6379/0", namespace)
+    parsed.router_config(_EMPTY_PLACEMENT, url, namespace)
     assert controller.group_host in ("0.0.0.0", "::"), "routers dial expert groups from other pods"
     with pytest.raises(ValueError, match="max_grups"):
         AppArgs.from_dict({**args, "controller": {**args["controller"], "autoscaler": {"max_grups": 4}}}) \
-            .controller_config("redis://h:6379/0", namespace)
+            .controller_config()
     with pytest.raises(ValueError, match="num_group"):
         AppArgs.from_dict({**args, "num_group": 2})
 
@@ -333,19 +337,27 @@ def test_args_parse_into_the_typed_configs(overlay):
 def test_app_args_errors_say_what_to_fix():
     from cluster.deploy.serve_app import AppArgs, AppArgsError, _differing_keys
 
-    args = AppArgs.from_dict({"checkpoint": "/models/checkpoint", "num_groups": 2,
-                              "redis_namespace": "elasticmoe-{ray_cluster}"})
-    with pytest.raises(AppArgsError, match="ELASTICMOE_REDIS_URL.*args.redis_url"):
-        args.resolve_redis_url({})
-    assert args.resolve_redis_url({"ELASTICMOE_REDIS_URL": "redis://r:6379/0"}) == "redis://r:6379/0"
-    with pytest.raises(AppArgsError, match="ELASTICMOE_RAY_CLUSTER"):
-        args.resolve_namespace({})
+    config = AppArgs.from_dict({"checkpoint": "/models/checkpoint", "num_groups": 2,
+                                "redis_namespace": "elasticmoe-{ray_cluster}"}).controller_config()
+    cluster = {"ELASTICMOE_RAY_CLUSTER": "c1"}
+    with pytest.raises(ValueError, match=r"redis_url is not set and \$ELASTICMOE_REDIS_URL .* the head pod"):
+        config.redis_target(cluster)
+    assert config.redis_target({"ELASTICMOE_REDIS_URL": "redis://r:6379/0", **cluster}) == \
+        ("redis://r:6379/0", "elasticmoe-c1")
+    with pytest.raises(ValueError, match=r"\$ELASTICMOE_RAY_CLUSTER is unset"):
+        config.redis_target({"ELASTICMOE_REDIS_URL": "redis://r:6379/0"})
+    with pytest.raises(ValueError, match="redis_url must start with") as e:  # from the environment: checked, redacted
+        config.redis_target({"ELASTICMOE_REDIS_URL": "http://:hunter2@r:6379/0", **cluster})
+    assert "hunter2" not in str(e.value)
+    with pytest.raises(AppArgsError, match=r"redis_namespace .* only placeholder is \{ray_cluster\}"):
+        AppArgs.from_dict({"checkpoint": "/c", "num_groups": 1, "redis_namespace": "x-{pod}"}).controller_config()
     with pytest.raises(AppArgsError, match="router.placement"):
         AppArgs.from_dict({"checkpoint": "/c", "num_groups": 1, "router": {"placement": "{}"}})
     with pytest.raises(AppArgsError, match="num_groups"):
         AppArgs.from_dict({"checkpoint": "/c"})
     with pytest.raises(AppArgsError) as e:  # a bad URL is reported without its password
-        args.controller_config("http://:hunter2@redis:6379/0", "ns")
+        AppArgs.from_dict({"checkpoint": "/c", "num_groups": 1, "redis_url": "http://:hunter2@redis:6379/0"}) \
+            .controller_config()
     assert "hunter2" not in str(e.value)
     assert _differing_keys({"a": 1, "s": {"x": 1, "y": 2}}, {"a": 1, "s": {"x": 1, "y": 3}}) == ["s.y"]
     with pytest.raises(AppArgsError, match="controller.expert_secret: Serve logs these args") as e:
@@ -370,14 +382,13 @@ def test_label_selectors_name_the_right_pods(overlay):
     selector = router_deployment(objects)["ray_actor_options"]["label_selector"]
     (routers,) = groups_with_role(objects, "router")
     assert routers["labels"] == selector == {ROLE: "router"}  # Ray node labels (ray start --labels)
-    container = ray_container(routers)
-    # Serve runs the builder where the deployments' shared label_selector points: the env goes there
-    assert env(container)["ELASTICMOE_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "elasticmoe-redis",
-                                                                                    "key": "url"}
-    assert "metadata.labels['ray.io/cluster']" in str(env(container)["ELASTICMOE_RAY_CLUSTER"])
-    for group in pod_groups(objects).values():
-        if group is not routers:
-            assert "ELASTICMOE_REDIS_URL" not in env(ray_container(group)), "only router pods hold the secret"
+    # the controller reads the Redis URL and the cluster name on its own pod: the head's template sets them
+    head = ray_container(pod_groups(objects)["head"])
+    assert env(head)["ELASTICMOE_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "elasticmoe-redis", "key": "url"}
+    assert "metadata.labels['ray.io/cluster']" in str(env(head)["ELASTICMOE_RAY_CLUSTER"])
+    for group_name, group in pod_groups(objects).items():
+        if group_name != "head":
+            assert "ELASTICMOE_REDIS_URL" not in env(ray_container(group)), "only the head holds the Redis secret"
 
 
 def test_ports_and_metrics_match_the_configs(overlay):
@@ -408,22 +419,42 @@ def test_ports_and_metrics_match_the_configs(overlay):
             int(svc["metadata"]["annotations"]["prometheus.io/port"])
 
 
-def test_weights_are_mounted_read_only_where_the_checkpoint_is_read(overlay):
+def test_weights_are_mounted_read_only_and_checked_at_start(overlay):
+    """Every Ray pod mounts the checkpoint read-only (which pod reads it, and why each must:
+    test_actor_placement.py) and fails at start, with the reason, when it is missing."""
     name, objects = overlay
     checkpoint = the_app(objects)["args"]["checkpoint"]
     claims = {c["metadata"]["name"] for c in find(objects, "PersistentVolumeClaim")}
     for group_name, group in pod_groups(objects).items():
         spec = group["template"]["spec"]
         mounts = {m["name"]: m for m in ray_container(group).get("volumeMounts", [])}
-        if group_name == "head":
-            assert "weights" not in mounts
-            continue
         assert checkpoint.startswith(mounts["weights"]["mountPath"] + "/") and mounts["weights"]["readOnly"]
         (volume,) = [v for v in spec["volumes"] if v["name"] == "weights"]
         if "persistentVolumeClaim" in volume:
             assert volume["persistentVolumeClaim"]["claimName"] in claims and volume["persistentVolumeClaim"]["readOnly"]
         check = [c for c in spec["initContainers"] if c["name"] == "check-weights"]
         assert check and env(check[0])["ELASTICMOE_CHECKPOINT"]["value"] == checkpoint, group_name
+
+
+def test_weights_claim_names_a_storage_class_many_nodes_can_mount():
+    """K5: left to the default class (ReadWriteOnce on most clouds) a ReadWriteMany claim stays Pending,
+    and every pod with it; the claim names its class, and the guide says how to provide it."""
+    (pvc,) = find(render(K8S / "overlays" / "gpu"), "PersistentVolumeClaim")
+    assert pvc["spec"]["accessModes"] in (["ReadWriteMany"], ["ReadOnlyMany"])
+    storage_class = pvc["spec"].get("storageClassName")
+    assert storage_class, "no storageClassName: the cluster's default class decides, usually ReadWriteOnce"
+    guide = (K8S / "README.md").read_text()
+    assert f"storageClassName: {storage_class}" in guide and "kubectl get storageclass" in guide
+    assert "kubectl -n elasticmoe get pvc elasticmoe-weights" in guide  # and how to see it Bound
+
+
+def test_every_build_arg_named_anywhere_is_one_the_dockerfile_takes():
+    """K6: `--build-arg TORCH_VARIANT` was documented; the Dockerfile's argument is VARIANT."""
+    args = set(re.findall(r"^ARG (\w+)", dockerfile(), re.M))
+    texts = [ROOT / "README.md", ROOT / "Dockerfile", *K8S.rglob("*.yaml"), *K8S.rglob("*.md")]
+    named = {(str(t.relative_to(ROOT)), a) for t in texts for a in re.findall(r"--build-arg[ =](\w+)=", t.read_text())}
+    assert named, "the guides show how to build the image"
+    assert {(t, a) for t, a in named if a not in args} == set(), f"the Dockerfile takes {sorted(args)}"
 
 
 def test_secrets_are_rendered_or_documented(overlay):
@@ -550,7 +581,11 @@ def test_network_policy_reachability(overlay):
     group_port = 41234  # an expert group's gRPC port: random (port 0), like most of Ray's
     outside, elsewhere = _pod({}, None), _pod({"app": "x"}, "other")
     operator = _pod({"app.kubernetes.io/name": "kuberay-operator"}, "kuberay-system")
-    prometheus = _pod({"app": "prometheus"}, "monitoring")
+    prometheus = _pod({"app.kubernetes.io/name": "prometheus"}, "monitoring")
+    # the same labels in another namespace, which any tenant can set on a pod of theirs
+    fake_operator = _pod({"app.kubernetes.io/name": "kuberay-operator"}, "tenant-a")
+    fake_prometheus = _pod({"app.kubernetes.io/name": "prometheus"}, "tenant-a")
+    other_in_monitoring = _pod({"app.kubernetes.io/name": "grafana"}, "monitoring")
     for labels in [*templates.values(), redis]:  # every pod of ours is isolated (default deny)
         assert not reachable(policies, elsewhere, labels, 12345)
 
@@ -567,6 +602,9 @@ def test_network_policy_reachability(overlay):
     # the two named exceptions: the operator reads Serve status on the dashboard, Prometheus scrapes
     assert ok(operator, head, 8265) and not ok(operator, head, 6379) and not ok(operator, redis, 6379)
     assert ok(prometheus, router, 9100) and ok(prometheus, head, 9101) and not ok(prometheus, redis, 6379)
+    for intruder in (fake_operator, fake_prometheus, other_in_monitoring):
+        for dst, port in ((head, 8265), (head, 9101), (router, 9100), (head, 6379)):
+            assert not ok(intruder, dst, port), (intruder, port)
     # Redis: its clients only, the routers and the head (the controller actor)
     assert ok(_pod(router), redis, 6379) and ok(_pod(head), redis, 6379)
     assert expert is router or not ok(_pod(expert), redis, 6379)

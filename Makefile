@@ -8,9 +8,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO ?= checkpoints/demo-small
 
-.PHONY: setup serve test redis proto clean
+.PHONY: setup serve test redis prometheus proto clean
 
-setup: $(STAMP) redis proto
+setup: $(STAMP) redis prometheus proto
 
 # Python modules generated from proto/elasticmoe/v1/*.proto, importable as elasticmoe.v1.
 PROTOS := $(wildcard proto/elasticmoe/v1/*.proto)
@@ -44,6 +44,22 @@ redis:
 		else \
 			echo "make: redis-server is missing. Install it (Debian/Ubuntu: sudo apt-get install redis-server;"; \
 			echo "      Fedora: sudo dnf install redis; macOS: brew install redis) and run make again."; \
+			exit 1; \
+		fi; \
+	fi
+
+# prometheus and promtool (the tests run the alerts through promtool and scrape a real router and
+# controller with a real Prometheus on loopback): the Debian package, like redis-server. apt may
+# try to start its service; the tests never use it and start their own on a free port.
+prometheus:
+	@if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing prometheus (and promtool) from the system packages"; \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+				prometheus >/dev/null) || { echo "make: apt-get install prometheus failed"; exit 1; }; \
+		else \
+			echo "make: prometheus/promtool are missing. Install them (Debian/Ubuntu: sudo apt-get install prometheus;"; \
+			echo "      Fedora: sudo dnf install golang-github-prometheus; macOS: brew install prometheus) and run make again."; \
 			exit 1; \
 		fi; \
 	fi

@@ -391,6 +391,33 @@ def test_label_selectors_name_the_right_pods(overlay):
             assert "ELASTICMOE_REDIS_URL" not in env(ray_container(group)), "only the head holds the Redis secret"
 
 
+def test_expert_pods_get_ready_without_a_serve_proxy_and_clients_reach_routers_only(overlay):
+    """K4: KubeRay gives a RayService worker pod without a readiness probe one that also asks the
+    local Serve proxy, and Serve runs proxies only where replicas run: expert pods would stay
+    NotReady. They carry their own (the raylet, via the dashboard agent); router pods keep KubeRay's,
+    which gates client traffic. Ready expert pods then sit in KubeRay's serve Service (it selects
+    every worker pod), so clients use elasticmoe-api, which selects router pods only."""
+    from ray._private.ray_constants import DEFAULT_DASHBOARD_AGENT_LISTEN_PORT
+
+    name, objects = overlay
+    groups = pod_groups(objects)
+    for group in groups.values():
+        role = group["template"]["metadata"]["labels"][ROLE]
+        probe = ray_container(group).get("readinessProbe")
+        if role == "expert":
+            assert probe["httpGet"] == {"path": "/api/healthz", "port": DEFAULT_DASHBOARD_AGENT_LISTEN_PORT}
+            assert "rayStartParams" in group and "dashboard-agent-listen-port" not in group["rayStartParams"]
+        else:
+            assert probe is None, f"{role}: KubeRay's probe (raylet + Serve proxy) is the right one here"
+    (api,) = find(objects, "Service", "elasticmoe-api")
+    for group in groups.values():
+        labels = group["template"]["metadata"]["labels"]
+        assert (api["spec"]["selector"].items() <= labels.items()) == (labels[ROLE] == "router"), labels
+    (routers,) = groups_with_role(objects, "router")
+    (port,) = api["spec"]["ports"]
+    assert ports(ray_container(routers))[port["targetPort"]] == port["port"] == serve_config(objects)["grpc_options"]["port"]
+
+
 def test_ports_and_metrics_match_the_configs(overlay):
     name, objects = overlay
     app, config = the_app(objects), serve_config(objects)

@@ -49,17 +49,21 @@ redis:
 	fi
 
 # prometheus and promtool (the tests run the alerts through promtool and scrape a real router and
-# controller with a real Prometheus on loopback): the Debian package, like redis-server. apt may
-# try to start its service; the tests never use it and start their own on a free port.
+# controller with a real Prometheus on loopback): the Debian package, like redis-server. The tests
+# start their own server on a free port; the service the package starts on a systemd machine
+# (port 9090) is stopped and disabled again, since only its binaries were wanted.
 prometheus:
 	@if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 			echo "installing prometheus (and promtool) from the system packages"; \
 			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 				prometheus >/dev/null) || { echo "make: apt-get install prometheus failed"; exit 1; }; \
+			if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then \
+				systemctl disable --now prometheus >/dev/null 2>&1 || true; \
+			fi; \
 		else \
 			echo "make: prometheus/promtool are missing. Install them (Debian/Ubuntu: sudo apt-get install prometheus;"; \
-			echo "      Fedora: sudo dnf install golang-github-prometheus; macOS: brew install prometheus) and run make again."; \
+			echo "      macOS: brew install prometheus) and run make again."; \
 			exit 1; \
 		fi; \
 	fi

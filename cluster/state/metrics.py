@@ -74,7 +74,8 @@ def serve_metrics(registry: CollectorRegistry, port: int, host: str = "0.0.0.0")
 
 
 class RouterMetrics:
-    def __init__(self, per_expert: bool = False):
+    def __init__(self, per_expert: bool = False, sparse_layers=()):
+        """sparse_layers: the MoE layers, whose load series exist (at 0) from the start."""
         self.registry = r = CollectorRegistry()
         self.per_expert = per_expert
         self.routed = Counter("elasticmoe_routed_pairs", "(token, expert) pairs routed", ["layer"], registry=r)
@@ -88,6 +89,8 @@ class RouterMetrics:
                                     "pairs moved to another replica", ["group"], registry=r)
         self.placement_version = Gauge("elasticmoe_router_placement_version", "placement version in use",
                                        registry=r)
+        for layer in sparse_layers:
+            self.routed.labels(str(layer))
         self.telemetry_dropped = Counter("elasticmoe_telemetry_dropped", "load batches lost while Redis was down",
                                          registry=r)
         self.generated_tokens = Counter("elasticmoe_generated_tokens", "tokens streamed by Generate", registry=r)

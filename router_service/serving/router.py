@@ -62,7 +62,7 @@ class Router:
         device = resolve_device(config.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={config.device!r} but torch sees no CUDA device here")
-        self.metrics = RouterMetrics(config.metrics_per_expert)
+        self.metrics = RouterMetrics(config.metrics_per_expert, spec.sparse_layers)
         self.experts = RemoteExperts(spec, PlacementTable.from_json(config.placement), config.forward_timeout_s,
                                      on_forward=self.metrics.on_forward, credentials=credentials,
                                      slow_s=config.forward_slow_s)

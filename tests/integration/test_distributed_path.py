@@ -106,8 +106,10 @@ def test_new_placement_is_adopted_at_a_step_boundary(tiny_checkpoint):
         remote.set_table(second)
         remote(last_layer, x, ids, w)  # mid-step: still the old placement
         assert remote.table.version == 1
+        assert set(remote._channels) == set(groups.addresses)  # both open while the old one is in use
         remote(ckpt.spec.sparse_layers[0], x, ids, w)  # next step
         assert remote.table.version == 2
+        assert set(remote._channels) == {groups.addresses[1]}  # the group no placement names: closed
     finally:
         remote.close()
         groups.close()

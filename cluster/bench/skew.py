@@ -123,7 +123,7 @@ def run(args) -> int:
           f"{sorted(group0)}; torch threads per group: {args.group_threads or 'default'}")
 
     redis = EmbeddedRedis()
-    ray.init(include_dashboard=False, log_to_driver=False, namespace="elasticmoe-bench")
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, namespace="elasticmoe-bench")
     name = f"bench-skew-{int(time.time())}"
     controller, router, load = None, None, None
     try:

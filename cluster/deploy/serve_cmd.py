@@ -110,7 +110,9 @@ def run(args) -> int:
     try:
         # A named namespace: the detached controller is then reachable by name from other drivers.
         limit_client_messages()  # inherited by the Ray we start (with --address, that cluster's own setting holds)
-        ray.init(address=args.address, namespace=RAY_NAMESPACE, include_dashboard=False, log_to_driver=False)
+        # "local": a Ray of our own even when another runs on this machine (ray.init(None) would join it)
+        ray.init(address=args.address or "local", namespace=RAY_NAMESPACE, include_dashboard=False,
+                 log_to_driver=False)
         config = ControllerConfig(checkpoint=str(args.checkpoint), num_groups=args.groups, redis_url=redis_url,
                                   autoscaler=autoscaler, group_cpu_threads=args.group_threads, dtype=args.dtype)
         # Detached and named, so routers and `moectl` on other nodes can find it; this process owns it

@@ -37,6 +37,13 @@ MAX_STOP_TOKEN_IDS = 128  # a stop list is a handful of ids; this bound keeps on
 PROMPT_BYTES_PER_TOKEN = 32
 
 
+def max_request_bytes(spec: ModelSpec) -> int:
+    """The largest legal client message for this model: a text prompt at its byte bound, or a context of
+    token ids (a varint each, at most 5 bytes), the stop ids, the other fields and protobuf's framing."""
+    context = spec.max_position_embeddings
+    return max(PROMPT_BYTES_PER_TOKEN * context, 6 * context) + 6 * MAX_STOP_TOKEN_IDS + 4096
+
+
 class ApiError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)

@@ -371,3 +371,18 @@ def test_numeric_extremes_sample_or_are_refused_and_never_fail_a_neighbour(api, 
         else:
             tokens, reason = result
             assert reason in ("stop", "length") and all(0 <= t < VOCAB for t in tokens), (fields, result)
+
+
+def test_the_largest_legal_request_fits_the_message_cap_and_little_more(api):
+    """moectl serve caps client messages at max_request_bytes(spec): every request validation accepts
+    fits under it, and it is far below the 16 MiB general cap for a model of this context."""
+    from router_service.serving.api import max_request_bytes
+
+    api, _ = api
+    cap = max_request_bytes(api.spec)
+    largest_text = serving_pb2.GenerateRequest(prompt="a" * (PROMPT_BYTES_PER_TOKEN * CONTEXT), max_tokens=1,
+                                               stop_token_ids=[VOCAB - 1] * MAX_STOP_TOKEN_IDS, temperature=1.0,
+                                               top_p=0.5, top_k=2**31 - 1, seed=2**64 - 1, logprobs=True)
+    largest_ids = serving_pb2.GenerateRequest(token_ids=[2**31 - 1] * CONTEXT, stop_token_ids=[2**31 - 1] * MAX_STOP_TOKEN_IDS,
+                                              max_tokens=2**31 - 1, temperature=1.0, top_p=0.5, seed=2**64 - 1)
+    assert max(largest_text.ByteSize(), largest_ids.ByteSize()) <= cap < 16 * 2**20

@@ -189,13 +189,16 @@ class RemoteExperts:
             if waiting:
                 # Slower than slow_s: where every pair of the part has a replica on a group that is
                 # neither failed nor slow itself, give up on the group and move them; else keep
-                # waiting (the call's own timeout is the deadline).
+                # waiting (the call's own timeout is the deadline). A group whose call of this round
+                # already failed counts as failed here: moving a slow group's pairs onto a group
+                # that just refused its own would leave them no replica (found by the soak).
                 slow = {parts[t][0]: DispatchError(routes.table.groups[parts[t][0]], grpc.StatusCode.DEADLINE_EXCEEDED,
                                                    f"no answer within forward_slow_s={self.slow_s} s") for t in waiting}
+                just_failed = {parts[t][0]: t.exception() for t in done if t.exception() is not None}
                 keep = set()
                 for task in waiting:
                     g, rows, mine = parts[task]
-                    moved = self._alternative(routes, layer, ids, mine, {**failed, **slow}, strict=False)
+                    moved = self._alternative(routes, layer, ids, mine, {**failed, **just_failed, **slow}, strict=False)
                     if moved is None:
                         keep.add(task)
                         continue

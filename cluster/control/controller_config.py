@@ -119,7 +119,8 @@ class ControllerConfig:
             cluster = environ.get(RAY_CLUSTER_ENV)
             if not cluster:
                 raise ValueError(f"redis_namespace {ns!r} uses {RAY_CLUSTER_FIELD} but ${RAY_CLUSTER_ENV} is unset "
-                                 f"where the controller runs (on Kubernetes: the head pod, from its ray.io/cluster label)")
+                                 f"where the controller runs (on Kubernetes: the head pod, from its ray.io/cluster "
+                                 f"label)")
             ns = ns.replace(RAY_CLUSTER_FIELD, cluster)
             if ":" in ns:
                 raise ValueError(f"${RAY_CLUSTER_ENV} must not contain ':', got {cluster!r}")

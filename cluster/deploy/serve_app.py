@@ -54,7 +54,7 @@ class AppArgsError(ValueError):
 
 @dataclass
 class AppArgs:
-    checkpoint: str  # checkpoint directory, mounted at this path on every router and expert pod
+    checkpoint: str  # checkpoint directory, mounted at this path on the head (config.json), router and expert pods
     num_groups: int  # expert groups the controller starts with
     redis_url: str | None = None  # None: $ELASTICMOE_REDIS_URL where the controller runs (no password here)
     redis_namespace: str = "elasticmoe"  # Redis key prefix; "{ray_cluster}" -> $ELASTICMOE_RAY_CLUSTER, ditto

@@ -415,7 +415,8 @@ def test_expert_pods_get_ready_without_a_serve_proxy_and_clients_reach_routers_o
         assert (api["spec"]["selector"].items() <= labels.items()) == (labels[ROLE] == "router"), labels
     (routers,) = groups_with_role(objects, "router")
     (port,) = api["spec"]["ports"]
-    assert ports(ray_container(routers))[port["targetPort"]] == port["port"] == serve_config(objects)["grpc_options"]["port"]
+    grpc_port = serve_config(objects)["grpc_options"]["port"]
+    assert ports(ray_container(routers))[port["targetPort"]] == port["port"] == grpc_port
 
 
 def test_ports_and_metrics_match_the_configs(overlay):

@@ -61,7 +61,8 @@ def test_containers_drop_everything_and_keep_the_root_filesystem_read_only():
         for c in containers:
             context, name = c.get("securityContext", {}), f"{where}/{c['name']}"
             assert context.get("allowPrivilegeEscalation") is False, name
-            assert context.get("capabilities", {}).get("drop") == ["ALL"] and not context["capabilities"].get("add"), name
+            capabilities = context.get("capabilities", {})
+            assert capabilities.get("drop") == ["ALL"] and not capabilities.get("add"), name
             assert context.get("readOnlyRootFilesystem") is True, name
             assert not context.get("privileged"), name
             for m in c.get("volumeMounts", []):  # what it may write: emptyDirs only, never the weights

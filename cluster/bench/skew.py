@@ -136,7 +136,7 @@ def run(args) -> int:
         router = Router(RouterConfig(checkpoint=str(args.checkpoint), placement=state.load_placement().to_json(),
                                      redis_url=redis.url, redis_namespace="bench", metrics_port=None,
                                      max_new_tokens=args.new_tokens),
-                        ray.get(controller.expert_credentials.remote()))
+                        ray.get(controller.router_credentials.remote()))
         mode = {"tokens": hot}
         load = _Load(_engine_generate(router.engine),
                      lambda rng: [rng.choice(mode["tokens"]) for _ in range(args.prompt_tokens)],

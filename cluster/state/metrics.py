@@ -14,6 +14,7 @@ process (tests, `moectl serve`) never collide.
 | `elasticmoe_forward_slow_total` | counter | group | router: Forward RPCs given up after `forward_slow_s`, their pairs moved to another replica |
 | `elasticmoe_router_placement_version` | gauge | | router: the placement in use |
 | `elasticmoe_telemetry_dropped_total` | counter | | router: load batches lost while Redis was down |
+| `elasticmoe_placement_refused_total` | counter | | router: placements in Redis refused (not signed by this cluster's controller, malformed, not this model's) |
 | `elasticmoe_kv_blocks` | gauge | state (used, total) | router: KV cache blocks of the pool |
 | `elasticmoe_kv_preemptions_total` | counter | | router: sequences preempted for KV blocks (recomputed later) |
 | `elasticmoe_sequences` | gauge | state (running, waiting) | router: sequences holding KV blocks, and queued |
@@ -75,6 +76,8 @@ class RouterMetrics:
                                        registry=r)
         self.telemetry_dropped = Counter("elasticmoe_telemetry_dropped", "load batches lost while Redis was down",
                                          registry=r)
+        self.placement_refused = Counter("elasticmoe_placement_refused", "placements in Redis refused: unsigned, "
+                                         "forged or malformed", registry=r)
 
     def watch_engine(self, stats) -> None:
         """Engine figures read at scrape time from stats() (an object with blocks_used, blocks_total,

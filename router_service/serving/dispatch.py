@@ -37,7 +37,7 @@ from elasticmoe.v1 import expert_pb2, expert_pb2_grpc
 
 from cluster.checkpoint.spec import ModelSpec
 from cluster.placement.table import PlacementTable
-from experts.credentials import ExpertCredentials, call_metadata, channel
+from experts.credentials import RouterCredentials, call_metadata, channel
 from experts.wire import GRPC_OPTIONS, decode, encode, to_device, to_host
 from router_service.serving.routes import Routes, avoid, choose_groups, compile_routes, first_replica
 
@@ -58,10 +58,10 @@ class DispatchError(RuntimeError):
 
 class RemoteExperts:
     def __init__(self, spec: ModelSpec, table: PlacementTable, timeout_s: float = 30.0, on_forward=None,
-                 credentials: ExpertCredentials | None = None, slow_s: float = 2.0, on_stale=None):
+                 credentials: RouterCredentials | None = None, slow_s: float = 2.0, on_stale=None):
         table.validate(spec)
         self.spec, self.timeout_s, self.slow_s = spec, timeout_s, slow_s
-        self._metadata = call_metadata(credentials)  # the cluster secret, on every call
+        self._metadata = call_metadata(credentials)  # the data-plane secret, on every call
         self._credentials = credentials
         self.on_forward = on_forward  # (group id, seconds, "ok" | "failed" | "slow") after every Forward: metrics
         self.on_stale = on_stale  # a group says our placement is stale (FAILED_PRECONDITION): refresh it

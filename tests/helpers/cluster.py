@@ -36,7 +36,7 @@ class Cluster:
         self.router = Router(RouterConfig(checkpoint=str(checkpoint), placement=self.state.load_placement().to_json(),
                                           redis_url=redis_url, redis_namespace=self.namespace, placement_poll_s=0.1,
                                           metrics_port=0, metrics_host="127.0.0.1", **(router or {})),
-                             ray.get(self.controller.expert_credentials.remote(), timeout=30))
+                             ray.get(self.controller.router_credentials.remote(), timeout=30))
         self.spec = Checkpoint(checkpoint).spec
 
     def replica_counts(self) -> dict[tuple[int, int], int]:

@@ -92,7 +92,9 @@ def run(args) -> int:
     auth = TokenAuth(digests) if digests else None
     # The local Ray started below (raylet, workers) inherits this environment: keep the raw tokens out of it.
     os.environ.pop(TOKENS_ENV, None)
-    router_settings = {"metrics_port": args.metrics_port, "api_token_sha256": digests}
+    # Without tokens the router serves unauthenticated by explicit choice (printed below), never by default.
+    router_settings = {"metrics_port": args.metrics_port,
+                       **({"api_token_sha256": digests} if digests else {"allow_unauthenticated": True})}
 
     import ray
     from ray import serve
@@ -123,14 +125,15 @@ def run(args) -> int:
         placement = ray.get(controller.placement.remote())
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()},  # HTTP unused: clients speak gRPC
                     grpc_options={"port": args.port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS})
-        credentials = ray.get(controller.expert_credentials.remote())
+        credentials = ray.get(controller.router_credentials.remote())
         router_settings["dtype"] = ray.get(controller.model_dtype.remote())  # the cluster's, set once
         serve.run(build_app({**router_settings, "checkpoint": str(args.checkpoint), "placement": placement,
                               "redis_url": redis_url}, credentials),
                   name="moe")
         write_serve_file(redis_url, args.port)
         auth_line = (f"bearer token required ({len(auth)} token(s), fingerprint {auth.fingerprint}), health checks "
-                     f"open" if auth else "OFF (give --api-tokens-file or $ELASTICMOE_API_TOKENS)")
+                     f"open" if auth else "OFF, allow_unauthenticated: anyone who reaches the port may call it "
+                     "(give --api-tokens-file or $ELASTICMOE_API_TOKENS)")
         print(f"client API authentication: {auth_line}; gRPC is plaintext: for other hosts put a TLS proxy in "
               f"front (README, Security)", file=sys.stderr)
         print(f"serving elasticmoe.v1.MoEService on port {args.port}; Ctrl-C stops\n"

@@ -6,6 +6,7 @@ the field and the allowed range; protobuf types stop here and never go deeper.
 """
 from __future__ import annotations
 
+import logging
 from typing import AsyncIterator, Callable
 
 import grpc
@@ -18,6 +19,8 @@ from router_service.engine.scheduler import QueueFull
 from router_service.model.sampling import SamplingError, SamplingParams
 from router_service.model.tokenizer import Tokenizer
 from router_service.serving.dispatch import DispatchError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 16
 
@@ -36,9 +39,10 @@ def dispatch_failure(e: DispatchError) -> ApiError:
     """What the client is told when the expert stage failed. UNAVAILABLE (no live replica: the
     message names the experts) and DEADLINE_EXCEEDED pass through, and the SDK may retry the
     first; anything else (a group refusing this router's secret or request) is the server's
-    fault, not the client's: INTERNAL."""
+    fault, not the client's: INTERNAL. Group addresses go to the log only."""
     passed = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-    return ApiError(e.code if e.code in passed else grpc.StatusCode.INTERNAL, str(e))
+    log.warning("expert stage failed: %s", e)  # group addresses and their reasons: for operators, not clients
+    return ApiError(e.code if e.code in passed else grpc.StatusCode.INTERNAL, e.public)
 
 
 class MoEApi:

@@ -49,11 +49,14 @@ PERMANENT = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED, 
 
 
 class DispatchError(RuntimeError):
-    """A group failed its part of a layer; carries the group's address and the gRPC status."""
+    """A group failed its part of a layer; carries the group's address and the gRPC status. `public` is
+    what a client may be told: the experts and the reason, never a group's address (str() has those, for
+    the router's log)."""
 
-    def __init__(self, address: str, code: grpc.StatusCode, details: str):
+    def __init__(self, address: str, code: grpc.StatusCode, details: str, public: str | None = None):
         super().__init__(f"expert group {address} failed Forward: {code.name}: {details}")
         self.address, self.code, self.details = address, code, details
+        self.public = public or f"an expert group answered Forward with {code.name}; the router's log says why"
 
 
 class RemoteExperts:
@@ -217,8 +220,9 @@ class RemoteExperts:
             if (retry < 0).all():
                 return out
             if loop.time() >= deadline:
+                why = f"layer {layer}: no replica answered within {self.timeout_s} s"
                 raise DispatchError(", ".join(routes.table.groups[g] for g in failed), grpc.StatusCode.DEADLINE_EXCEEDED,
-                                    f"layer {layer}: no replica answered within {self.timeout_s} s")
+                                    why, public=why)
             pending = retry
 
     def _alternative(self, routes: Routes, layer: int, ids, mine, failed: dict, strict: bool = True):
@@ -232,9 +236,9 @@ class RemoteExperts:
                 return None
             experts = sorted(set(ids[stranded].tolist()))
             why = "; ".join(f"{e.address}: {e.code.name}: {e.details}" for e in failed.values())
+            what = f"no live replica of (layer, expert) {', '.join(f'({layer}, {e})' for e in experts)}"
             raise DispatchError(", ".join(sorted({e.address for e in failed.values()})), grpc.StatusCode.UNAVAILABLE,
-                                f"no live replica of (layer, expert) {', '.join(f'({layer}, {e})' for e in experts)}"
-                                f" ({why})")
+                                f"{what} ({why})", public=what)
         return choice
 
     def _mark_down(self, address: str) -> None:

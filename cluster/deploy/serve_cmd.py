@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -103,7 +104,9 @@ def run(args) -> int:
     from cluster.state.redis_server import EmbeddedRedis, free_port
     from router_service.serving.deployment import GRPC_SERVICER_FUNCTIONS, build_app, limit_client_messages
 
-    redis = None if args.redis_url else EmbeddedRedis()
+    # The private Redis gets a password of its own: any local user could otherwise rewrite the placement
+    # or the heartbeats. It reaches Ray inside redis_url and `moectl` through the 0600 SERVE_FILE.
+    redis = None if args.redis_url else EmbeddedRedis(password=secrets.token_urlsafe(24))
     redis_url = args.redis_url or redis.url
     controller = None
     stop = threading.Event()

@@ -104,8 +104,13 @@ def _tls(tls) -> "ExpertTLS | None":
     return tls
 
 
-@dataclass(frozen=True)
-class ExpertCredentials:
+class _HiddenRepr:
+    def __repr__(self) -> str:  # never a secret, a key or a digest
+        return f"{type(self).__name__}(secret=<hidden>, tls={'on' if self.tls else 'off'})"
+
+
+@dataclass(frozen=True, repr=False)
+class ExpertCredentials(_HiddenRepr):
     """The cluster's credentials, held by the controller: every secret below is derived from `secret`."""
 
     secret: str = field(repr=False)
@@ -140,12 +145,9 @@ class ExpertCredentials:
     def for_group(self) -> "GroupCredentials":
         return GroupCredentials(_sha256(self.data_secret), _sha256(self.control_secret), self.tls)
 
-    def __repr__(self) -> str:
-        return f"ExpertCredentials(secret=<hidden>, tls={'on' if self.tls else 'off'})"
 
-
-@dataclass(frozen=True)
-class RouterCredentials:
+@dataclass(frozen=True, repr=False)
+class RouterCredentials(_HiddenRepr):
     """A router's share: it may call Forward and Stats and verify the placement, never load or unload."""
 
     data_secret: str = field(repr=False)
@@ -153,20 +155,14 @@ class RouterCredentials:
     tls: ExpertTLS | None = None
     control_secret = None  # a router never holds it
 
-    def __repr__(self) -> str:
-        return f"RouterCredentials(secret=<hidden>, tls={'on' if self.tls else 'off'})"
 
-
-@dataclass(frozen=True)
-class GroupCredentials:
+@dataclass(frozen=True, repr=False)
+class GroupCredentials(_HiddenRepr):
     """A group's share: what it checks callers against (digests only) and its TLS."""
 
     data_sha256: bytes = field(repr=False)
     control_sha256: bytes = field(repr=False)
     tls: ExpertTLS | None = None
-
-    def __repr__(self) -> str:
-        return f"GroupCredentials(secret=<hidden>, tls={'on' if self.tls else 'off'})"
 
 
 def _sha256(value: str | bytes) -> bytes:

@@ -110,7 +110,7 @@ def serve_metrics(registry: CollectorRegistry, port: int, host: str = "127.0.0.1
         server = BoundedMetricsServer(host, 0, max_connections, timeout_s)
     server.set_app(make_wsgi_app(registry))
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
-    return server, f"{host}:{server.server_port}"
+    return server, f"{f'[{host}]' if ':' in host else host}:{server.server_port}"  # host:port, IPv6 bracketed
 
 
 class RouterMetrics:

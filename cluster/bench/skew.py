@@ -133,7 +133,7 @@ def run(args) -> int:
             checkpoint=str(args.checkpoint), num_groups=args.groups, redis_url=redis.url, redis_namespace="bench",
             group_device="cpu", name=name, autoscaler=settings, group_cpu_threads=args.group_threads))
         ray.get(controller.start.remote())
-        router = Router(RouterConfig(checkpoint=str(args.checkpoint), placement=state.load_placement().to_json(),
+        router = Router(RouterConfig(checkpoint=str(args.checkpoint), placement=ray.get(controller.placement.remote()),
                                      redis_url=redis.url, redis_namespace="bench", metrics_port=None,
                                      max_new_tokens=args.new_tokens),
                         ray.get(controller.router_credentials.remote()))

@@ -165,7 +165,8 @@ class PlacementTable:
         replicas, shares = {}, {}
         for row in d["replicas"]:
             if not (isinstance(row, list) and len(row) in (3, 4) and all(isinstance(r, list) for r in row[2:])):
-                raise PlacementError(f"a row must be [layer, expert, [group ids]] or with [shares] after, got {row!r:.80}")
+                raise PlacementError(f"a row must be [layer, expert, [group ids]] or with [shares] after, "
+                                     f"got {row!r:.80}")
             key = (row[0], row[1])
             if key in replicas or not all(map(_is_int, key)):
                 raise PlacementError(f"row ({row[0]!r:.20}, {row[1]!r:.20}) is repeated or not two ints")

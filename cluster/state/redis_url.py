@@ -149,7 +149,8 @@ def check_url(url: str) -> None:
         parts = urlsplit(url)
         parts.port  # noqa: B018  (raises ValueError on a port that is not a number in range)
     except ValueError as e:
-        reason = "brackets of an IPv6 host do not match" if "IPv6" in str(e) else "the port is not a number in [0, 65535]"
+        reason = ("brackets of an IPv6 host do not match" if "IPv6" in str(e)
+                  else "the port is not a number in [0, 65535]")
         raise ValueError(f"redis_url cannot be parsed ({reason}): {ENCODE_HINT}") from None
     if parts.scheme not in URL_SCHEMES:
         raise ValueError(f"redis_url must start with one of {', '.join(s + '://' for s in URL_SCHEMES)}, got {shown}")

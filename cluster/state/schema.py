@@ -109,7 +109,8 @@ _STATUS = {"version": _int, "groups": _int, "enabled": lambda v: isinstance(v, b
            "paused": lambda v: isinstance(v, bool), "imbalance": _number, "pairs_per_s": _number,
            "updated_at": _number, "metrics": lambda v: address_problem(v) is None,
            "utilization": lambda v: isinstance(v, dict) and all(_number(u) for u in v.values()),
-           "decision": lambda v: isinstance(v, dict) and all(isinstance(v.get(k, ""), str) for k in ("action", "reason")),
+           "decision": lambda v: isinstance(v, dict) and all(isinstance(v.get(k, ""), str)
+                                                             for k in ("action", "reason")),
            "last_rebalance": lambda v: isinstance(v, dict) and all(isinstance(v.get(k, ""), str) for k in
                                                                    ("result", "reason", "error"))
            and all(_number(v.get(k, 0)) for k in ("from_version", "to_version", "seconds", "weights_loaded",

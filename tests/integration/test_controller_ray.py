@@ -92,8 +92,8 @@ def test_controller_starts_repairs_and_shuts_down_groups(local_ray, redis_server
             call_metadata(credentials, "LoadExperts")
         with grpc.insecure_channel(table.groups[0]) as ch:
             stub = expert_pb2_grpc.ExpertServiceStub(ch)
-            for call, request in ((stub.LoadExperts, expert_pb2.LoadExpertsRequest), (stub.UnloadExperts,
-                                                                                       expert_pb2.UnloadExpertsRequest)):
+            for call, request in ((stub.LoadExperts, expert_pb2.LoadExpertsRequest),
+                                  (stub.UnloadExperts, expert_pb2.UnloadExpertsRequest)):
                 with pytest.raises(grpc.RpcError) as err:
                     call(request(slots=[expert_pb2.Slot(layer=spec.sparse_layers[0], expert=0)]), timeout=30,
                          metadata=call_metadata(credentials))  # the data-plane secret

@@ -69,7 +69,9 @@ def test_form_bounds_versions_sizes_addresses_and_shares():
     with pytest.raises(PlacementError, match=f"at most {MAX_GROUPS} groups"):
         PlacementTable.from_json(json.dumps({"version": 1, "groups": ["h:1"] * (MAX_GROUPS + 1), "replicas": []}))
     with pytest.raises(PlacementError, match="not in the model"):
-        PlacementTable(1, table.groups, table.replicas | {(SPEC.sparse_layers[0], SPEC.num_experts): (0,)}).validate(SPEC)
-    for bad in ('[]', '{"version": 1, "groups": "h:1", "replicas": []}', '{"version": 1, "groups": [], "replicas": [5]}'):
+        PlacementTable(1, table.groups, table.replicas | {(SPEC.sparse_layers[0], SPEC.num_experts): (0,)}) \
+            .validate(SPEC)
+    for bad in ('[]', '{"version": 1, "groups": "h:1", "replicas": []}',
+                '{"version": 1, "groups": [], "replicas": [5]}'):
         with pytest.raises(PlacementError):
             PlacementTable.from_json(bad)

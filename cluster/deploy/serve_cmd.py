@@ -70,6 +70,8 @@ def api_token_digests(tokens_file: str | None, environ=None) -> list[str]:
     """
     from router_service.serving.auth import TOKENS_ENV, TokenSourceError, digest, read_tokens
 
+    if tokens_file is not None and not tokens_file.strip():  # never read as "no file": that would mean no auth
+        raise TokenSourceError("--api-tokens-file is empty: give the path of a token file, or leave the flag out")
     tokens = read_tokens(tokens_file, TOKENS_ENV, os.environ if environ is None else environ)
     if tokens_file and not tokens:
         raise TokenSourceError(f"--api-tokens-file {tokens_file} holds no token (only blanks and comments)")

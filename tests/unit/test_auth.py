@@ -157,6 +157,8 @@ def test_moectl_serve_passes_digests_only(tmp_path):
     path.write_text(f"{A}\n{B}\n")
     assert api_token_digests(str(path), {"ELASTICMOE_API_TOKENS": f"{C},{A}"}) == sorted(map(digest, (A, B, C)))
     assert api_token_digests(None, {}) == []
+    with pytest.raises(TokenSourceError, match="--api-tokens-file is empty"):
+        api_token_digests("", {})
     path.write_text("# none\n")
     with pytest.raises(TokenSourceError, match="holds no token"):
         api_token_digests(str(path), {})

@@ -4,6 +4,7 @@
                   {ns}:placement:version       -> version()          int in [0, 2**53] or None
                   {ns}:groups[name]            -> group_entry()      address, slots, updated_at
                   {ns}:autoscaler:status       -> autoscaler_status() the fields readers use, typed
+                  {ns}:autoscaler:requests     -> request()          one by one; a bad one answered, not fatal
     telemetry.py  {ns}:routers[id]             -> heartbeat()        version, updated_at, metrics
 
 Why: anyone who can write to Redis can put anything there, and a bad record must cost its reader
@@ -125,3 +126,16 @@ def autoscaler_status(text: str) -> dict:
         if d.get(key) is not None and not ok(d[key]):
             raise ValueError(f"field {key} is not of the controller's form, got {d[key]!r:.80}")
     return d
+
+
+def request(text) -> dict:
+    """A `moectl scale` request from {ns}:autoscaler:requests, or {"id": its id or None, "invalid": why}."""
+    try:
+        parsed = json.loads(text)
+    except (TypeError, ValueError) as e:
+        return {"id": None, "invalid": f"not JSON ({e})"}
+    if not isinstance(parsed, dict):
+        return {"id": None, "invalid": f"not a JSON object: {type(parsed).__name__}"}
+    if not isinstance(parsed.get("id"), str) or not parsed["id"]:
+        return {"id": None, "invalid": "no request id"}
+    return parsed

@@ -156,7 +156,7 @@ class ClusterState:
             return 0
 
     def publish_placement(self, table: PlacementTable) -> None:
-        """Store table (signed, with placement_key) and notify subscribers, atomically. Raises
+        """Store table (signed, with signing_key) and notify subscribers, atomically. Raises
         StaleVersionError unless table.version is greater than the version of the table in Redis."""
         table.check_form()  # never write what every reader would refuse
         text = table.to_json()
@@ -187,8 +187,8 @@ class ClusterState:
                  "signed" if self._signing_key else "unsigned", self.url_for_logs)
 
     def load_placement(self) -> PlacementTable | None:
-        """The current table, or None when none was published. With placement_key, PlacementAuthError
-        unless it carries this cluster's MAC; ClusterStateError when it is not a well-formed table."""
+        """The current table, or None. With signing_key, PlacementAuthError unless it carries this cluster's
+        MAC; ClusterStateError when it is not a well-formed table."""
         text, mac = self.client.mget(self.placement_key, self.mac_key)
         return None if text is None else self._parse(text, mac)
 
@@ -242,8 +242,7 @@ class ClusterState:
         self.client.hdel(self.groups_key, name)
 
     def groups(self) -> dict[str, dict]:
-        """name -> {"address": str, "slots": [(layer, expert), ...], "updated_at": float}; an entry that is
-        not of that form is skipped, with a log line."""
+        """name -> {"address", "slots": [(layer, expert), ...], "updated_at"}; a malformed entry skipped, logged."""
         out = {}
         for name, text in self.client.hgetall(self.groups_key).items():
             try:
@@ -267,8 +266,7 @@ class ClusterState:
         self.client.set(self.autoscaler_status_key, json.dumps(status))
 
     def autoscaler_status(self) -> dict | None:
-        """What the controller last wrote; None when nothing is there or it is not of the controller's form
-        (logged), so a reader (a router's Status) never trips over it."""
+        """What the controller last wrote; None when nothing is, or it is not of the controller's form (logged)."""
         text = self.client.get(self.autoscaler_status_key)
         try:
             return schema.autoscaler_status(text) if text else None
@@ -283,11 +281,12 @@ class ClusterState:
         return request_id
 
     def pop_requests(self) -> list[dict]:
+        """Every queued request, parsed one by one (schema.request): a malformed one costs no other its place."""
         with self.client.pipeline(transaction=True) as pipe:
             pipe.lrange(self.requests_key, 0, -1)
             pipe.delete(self.requests_key)
             texts, _ = pipe.execute()
-        return [json.loads(t) for t in texts]
+        return [schema.request(t) for t in texts]
 
     def put_result(self, request_id: str, result: dict) -> None:
         with self.client.pipeline(transaction=False) as pipe:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers.decoders import DecodeStream
 
 
 class Tokenizer:
@@ -21,3 +22,17 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.inner.decode(ids)
+
+    def stream(self) -> "TextStream":
+        """An incremental decoder for one generation: O(1) work per token (the whole text is never
+        decoded again), and bytes of an unfinished UTF-8 character wait for the token completing it."""
+        return TextStream(self.inner)
+
+
+class TextStream:
+    def __init__(self, inner: _HFTokenizer):
+        self.inner, self._state = inner, DecodeStream(skip_special_tokens=False)
+
+    def add(self, ids: list[int]) -> str:
+        """The text the new tokens complete."""
+        return "".join(piece for i in ids if (piece := self._state.step(self.inner, i)) is not None)

@@ -117,9 +117,11 @@ class AppArgs:
             raise AppArgsError(f"application args, router: dtype {mine} but the controller's groups use {dtype}: a "
                                f"cluster has one model dtype; set controller.dtype (or leave router.dtype out)")
         try:
-            return RouterConfig.from_dict({**self.router, "checkpoint": self.checkpoint, "placement": placement,
-                                           "redis_url": redis_url, "redis_namespace": namespace,
-                                           "dtype": mine or dtype})
+            config = RouterConfig.from_dict({**self.router, "checkpoint": self.checkpoint, "placement": placement,
+                                             "redis_url": redis_url, "redis_namespace": namespace,
+                                             "dtype": mine or dtype})
+            config.check_auth_setting()  # a token source, or allow_unauthenticated by name
+            return config
         except (TypeError, ValueError) as e:
             raise AppArgsError(f"application args, router: {e}") from None
 
@@ -176,7 +178,7 @@ def app_builder(args: dict):
     controller = find_or_create_controller(config, parsed.controller_label_selector)
     summary = ray.get(controller.start.remote(), timeout=config.group_start_timeout_s + START_MARGIN_S)
     placement, credentials, dtype, (redis_url, namespace) = ray.get(
-        [controller.placement.remote(), controller.expert_credentials.remote(), controller.model_dtype.remote(),
+        [controller.placement.remote(), controller.router_credentials.remote(), controller.model_dtype.remote(),
          controller.redis_target.remote()], timeout=60)
     log.info("elasticmoe app: controller %s serving placement v%d on %d group(s), redis %s namespace %s", config.name,
              summary["version"], len(summary["groups"]), redact_url(redis_url), namespace)

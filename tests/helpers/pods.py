@@ -124,7 +124,7 @@ class SimulatedPod:
         return out
 
 
-def wait_for_nodes(count: int, timeout_s: float = 60.0) -> None:
+def wait_for_nodes(count: int, timeout_s: float = 120.0) -> None:
     import ray
 
     deadline = time.monotonic() + timeout_s

@@ -170,9 +170,9 @@ class Engine:
                 self.scheduler.finish(seq)
                 seq.emit(Event([], seq.scores, "stop"))
         elif out.tokens[i] is not None:
-            self._append(seq, out.tokens[i], out.logprobs[i])
+            self._append(seq, out.tokens[i], out.logprobs[i], out.top[i] if out.top else None)
 
-    def _append(self, seq: Sequence, token: int, logprob: float | None) -> None:
+    def _append(self, seq: Sequence, token: int, logprob: float | None, top=None) -> None:
         params = seq.params
         stop = token in params.stop_set or (self.config.stop_at_eos and token == self.spec.eos_token_id)
         if stop:
@@ -183,7 +183,8 @@ class Engine:
             reason = "length" if len(seq.output) >= params.max_tokens or full else None
         if reason is not None:
             self.scheduler.finish(seq)
-        seq.emit(Event([] if stop else [token], [] if stop or logprob is None else [logprob], reason))
+        seq.emit(Event([] if stop else [token], [] if stop or logprob is None else [logprob], reason,
+                       top_logprobs=[] if stop or top is None else [top]))
 
     def _fail(self, seq: Sequence, error: BaseException) -> None:
         if seq in self.scheduler.running:

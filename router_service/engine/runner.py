@@ -19,17 +19,19 @@ from router_service.engine.sequence import Sequence
 from router_service.model.attention import PagedAttention, PagedStep
 from router_service.model.dense import DenseModel, ExpertsFn
 from router_service.model.paged_cache import KVPool
-from router_service.model.sampling import sample
+from router_service.model.sampling import sample, top_logprobs
 
 
 @dataclass
 class StepOutput:
     """Per batch entry: the sampled token and its logprob (None where nothing was sampled:
-    a prefill chunk short of the end, a Score chunk), and the Score logprobs it adds."""
+    a prefill chunk short of the end, a Score chunk), and the Score logprobs it adds; the most
+    likely (token, logprob) pairs where the request asked for top_logprobs, else None."""
 
     tokens: list[int | None]
     logprobs: list[float | None]
     scores: list[list[float]]
+    top: list[list[tuple[int, float]] | None] | None = None
 
 
 class ModelRunner:
@@ -68,6 +70,10 @@ class ModelRunner:
             tokens, logprobs = sample(logits[:len(sampled)], [s.params for s in seqs],
                                       [s.generator for s in seqs], want_logprobs)
             parts += [tokens.to(torch.float64)] + ([logprobs.to(torch.float64)] if want_logprobs else [])
+            k = max(s.params.top_logprobs for s in seqs)
+            if k:  # the k best of every sampled row, in the same transfer; each request keeps its own count
+                top_values, top_ids = top_logprobs(logits[:len(sampled)], k)  # [S, k] each
+                parts += [top_ids.flatten().to(torch.float64), top_values.flatten().to(torch.float64)]
         if scored:
             parts.append(self._score_rows(logits[len(sampled):], batch, scored))
         host = torch.cat(parts).tolist() if parts else []  # the step's one device-to-host transfer
@@ -76,6 +82,15 @@ class ModelRunner:
             out.tokens[i] = int(host[j])
             out.logprobs[i] = host[len(sampled) + j] if want_logprobs else None
         offset = len(sampled) * (2 if want_logprobs else 1)
+        k = max((batch[i][0].params.top_logprobs for i in sampled), default=0)
+        if k:
+            out.top = [None] * len(batch)
+            ids_at, values_at = offset, offset + len(sampled) * k
+            for j, i in enumerate(sampled):
+                if batch[i][0].params.top_logprobs:
+                    row = range(j * k, j * k + batch[i][0].params.top_logprobs)
+                    out.top[i] = [(int(host[ids_at + r]), host[values_at + r]) for r in row]
+            offset += 2 * len(sampled) * k
         for i, n in scored:
             seq = batch[i][0]
             start = seq.num_computed - n

@@ -105,6 +105,34 @@ def test_stop_tokens_seeds_and_logprobs(reference):
         engine.close()
 
 
+def test_top_logprobs_are_the_reference_top_k_per_request(reference):
+    """Two requests asking for different counts share a step; each gets its own k best, equal to the
+    reference's log_softmax top-k, and one without logprobs gets none."""
+    engine = Engine(reference.dense, reference.experts, TIGHT)
+    try:
+        p = prompts(reference.spec.vocab_size, [6], seed=6)[0]
+
+        async def main():
+            async def events(params):
+                return [ev async for ev in engine.generate(p, params)]
+            return await asyncio.gather(events(SamplingParams(max_tokens=3, logprobs=True, top_logprobs=5)),
+                                        events(SamplingParams(max_tokens=3, logprobs=True, top_logprobs=2)),
+                                        events(SamplingParams(max_tokens=3)))
+
+        five, two, plain = asyncio.run(main())
+        tokens = [t for ev in five for t in ev.token_ids]
+        logp = torch.log_softmax(reference(torch.tensor([p + tokens]))[0, len(p) - 1:], dim=-1)  # [3 + 1, V]
+        for step, (a, b) in enumerate(zip(five, two)):
+            values, ids = logp[step].topk(5)
+            (top5,), (top2,) = a.top_logprobs, b.top_logprobs
+            assert [i for i, _ in top5] == ids.tolist() and [i for i, _ in top2] == ids.tolist()[:2]
+            assert max(abs(v - float(e)) for (_, v), e in zip(top5, values)) <= 1e-4
+            assert top5[0][0] == tokens[step] and abs(top5[0][1] - a.logprobs[0]) <= 1e-6  # greedy: the best one
+        assert all(ev.top_logprobs == [] for ev in plain)
+    finally:
+        engine.close()
+
+
 def test_queue_bound_and_cancellation(reference):
     config = EngineConfig(SchedulerConfig(max_running=1, max_step_tokens=1, prefill_chunk=1, max_queue=2))
     engine = Engine(reference.dense, reference.experts, config)

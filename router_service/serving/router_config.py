@@ -6,6 +6,7 @@ serveConfigV2 fails the deploy with its name instead of being ignored.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -65,6 +66,8 @@ class RouterConfig:
     api_token_sha256: tuple[str, ...] = ()  # SHA-256 hex of accepted tokens (moectl serve: no raw token in Ray)
     api_tokens_file: str | None = None  # read on each replica at start (Kubernetes: a mounted Secret)
     api_tokens_env: str | None = None  # an environment variable of the replica: comma-separated tokens
+    # The `model` of the OpenAI-compatible HTTP API (/v1/models); None: the checkpoint folder's name.
+    served_model_name: str | None = None
 
     def __post_init__(self):
         if self.dtype is not None:
@@ -79,6 +82,9 @@ class RouterConfig:
                                                     and self.api_tokens_env.isidentifier()):
             raise ValueError(f"api_tokens_env must name an environment variable, got {self.api_tokens_env!r}")
         PlacementTable.from_json(self.placement)
+        if self.served_model_name is not None and not (isinstance(self.served_model_name, str)
+                                                       and self.served_model_name.strip()):
+            raise ValueError(f"served_model_name must be a non-empty string or None, got {self.served_model_name!r}")
         for name in ("forward_timeout_s", "forward_slow_s", "placement_poll_s", "telemetry_flush_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -88,6 +94,10 @@ class RouterConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "RouterConfig":
         return config_from_dict(cls, d)
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.checkpoint).resolve().name
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(SchedulerConfig(self.max_running, self.max_step_tokens, self.prefill_chunk, self.max_queue),

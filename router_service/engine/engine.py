@@ -174,7 +174,8 @@ class Engine:
 
     def _append(self, seq: Sequence, token: int, logprob: float | None, top=None) -> None:
         params = seq.params
-        stop = token in params.stop_set or (self.config.stop_at_eos and token == self.spec.eos_token_id)
+        stop = token in params.stop_set or (self.config.stop_at_eos and not params.ignore_eos
+                                            and token == self.spec.eos_token_id)
         if stop:
             reason = "stop"
         else:

@@ -72,6 +72,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     logprobs: bool = False
     top_logprobs: int = 0  # the k most likely tokens (and their logprobs) after each new one; needs logprobs
+    ignore_eos: bool = False  # generate past the model's eos token (fixed-length outputs, for benchmarks)
     max_tokens_limit: InitVar[int | None] = None
     stop_set: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
 
@@ -103,6 +104,8 @@ class SamplingParams:
         if not (_is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS):
             raise SamplingError("top_logprobs", f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], "
                                                 f"got {self.top_logprobs!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise SamplingError("ignore_eos", f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         if self.top_logprobs and not self.logprobs:
             raise SamplingError("top_logprobs", "top_logprobs needs logprobs set to true")
 

@@ -6,7 +6,7 @@
 
 Sampling fields go through elasticmoe.v1.GenerateRequest on purpose, so an HTTP value reaches the
 engine exactly as the same value sent over gRPC would (float32 temperature, int32 limits).
-Extensions, as vLLM has them: `top_k`, `stop_token_ids`, `return_tokens_as_token_ids`,
+Extensions, as vLLM has them: `top_k`, `stop_token_ids`, `ignore_eos`, `return_tokens_as_token_ids`,
 `add_generation_prompt` (chat), token-id prompts.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ MAX_CHOICES = 64  # prompts x n in one request: each is a sequence in the engine
 MAX_STOPS, MAX_STOP_CHARS = 16, 256  # bounds the held-back text and the matching per token
 
 COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "n", "stream",
-          "stream_options", "user", "logprobs", "return_tokens_as_token_ids"}
+          "stream_options", "user", "logprobs", "return_tokens_as_token_ids", "ignore_eos"}
 FIELDS = {"completion": COMMON | {"prompt", "echo"},
           "chat": COMMON | {"messages", "max_completion_tokens", "top_logprobs", "add_generation_prompt"}}
 # OpenAI fields this server does not implement: accepted at the value that means "off", refused otherwise,
@@ -101,7 +101,8 @@ def parse(kind: str, body, api: MoEApi, template: ChatTemplate | None) -> Plan:
         raise bad_request("n", f"n x prompts must be <= {MAX_CHOICES}, got {n} x {len(texts)}")
     sampling, names = _sampling_fields(body)
     names.update(token_ids="prompt" if kind == "completion" else "messages", prompt="prompt")
-    prompts = [_prompt(text, sampling, names, logprobs, top, api) for text in texts]
+    extra = {"top_logprobs": top, "ignore_eos": _bool(body, "ignore_eos", False)}  # settings gRPC lacks
+    prompts = [_prompt(text, sampling, names, logprobs, extra, api) for text in texts]
     stop = _stop(body.get("stop"))
     if stop and api.tokenizer is None:
         raise bad_request("stop", "stop strings need a model with a tokenizer; this one takes stop_token_ids only")
@@ -225,7 +226,7 @@ def _content(value, where: str) -> str:
                              f"(this model reads text only)")
 
 
-def _prompt(text: str | list[int], sampling: dict, names: dict, logprobs: bool, top: int, api: MoEApi) -> Prompt:
+def _prompt(text: str | list[int], sampling: dict, names: dict, logprobs: bool, extra: dict, api: MoEApi) -> Prompt:
     """One prompt (text, or token ids: a completion's ids or a rendered chat) through the gRPC path's validation."""
     fields = dict(sampling)
     if isinstance(text, list):
@@ -244,7 +245,7 @@ def _prompt(text: str | list[int], sampling: dict, names: dict, logprobs: bool, 
         raise bad_request("prompt", f"prompt token ids must be in [0, {api.spec.vocab_size - 1}]") from None
     try:
         ids, params = api.validate_generate(request)
-        params = dataclasses.replace(params, top_logprobs=top)  # validated there: needs logprobs, <= 20
+        params = dataclasses.replace(params, **extra)  # validated there (top_logprobs: needs logprobs, <= 20)
     except ApiError as e:
         raise from_api_error(e, names) from None
     except SamplingError as e:

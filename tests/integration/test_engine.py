@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -129,6 +130,20 @@ def test_top_logprobs_are_the_reference_top_k_per_request(reference):
             assert max(abs(v - float(e)) for (_, v), e in zip(top5, values)) <= 1e-4
             assert top5[0][0] == tokens[step] and abs(top5[0][1] - a.logprobs[0]) <= 1e-6  # greedy: the best one
         assert all(ev.top_logprobs == [] for ev in plain)
+    finally:
+        engine.close()
+
+
+def test_eos_ends_generation_unless_the_request_ignores_it(reference):
+    engine = Engine(reference.dense, reference.experts, EngineConfig(stop_at_eos=True))
+    try:
+        p = prompts(reference.spec.vocab_size, [5], seed=7)[0]
+        greedy = reference.generate_greedy(p, 6)
+        # make the third greedy token the model's eos (the engine reads it from its spec)
+        engine.spec = dataclasses.replace(reference.spec, eos_token_id=greedy[2])
+        cut = greedy.index(greedy[2])
+        assert run_concurrently(engine, [(p, SamplingParams(max_tokens=6))])[0] == (greedy[:cut], "stop")
+        assert run_concurrently(engine, [(p, SamplingParams(max_tokens=6, ignore_eos=True))])[0] == (greedy, "length")
     finally:
         engine.close()
 

@@ -133,10 +133,11 @@ def test_prompt_forms_choices_and_seeds(api, template):
         [tok.decode([5, 6]), tok.decode([7])]
     chat = parse("chat", {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
                                                                     {"type": "text", "text": "b"}]}],
-                          "stop": "x", "logprobs": True, "top_logprobs": 3}, api, template)
+                          "stop": "x", "logprobs": True, "top_logprobs": 3, "ignore_eos": True}, api, template)
     (p,) = chat.prompts
     assert p.ids == tok.encode(template.render([{"role": "user", "content": "a\nb"}]), add_special_tokens=False)
     assert p.params.max_tokens == 4096 - len(p.ids) and p.params.top_logprobs == 3 and chat.stop == ("x",)
+    assert p.params.ignore_eos and not plan.prompts[0].params.ignore_eos
 
 
 def test_unknown_model_is_404_and_a_missing_one_is_the_served_one():

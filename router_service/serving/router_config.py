@@ -31,6 +31,11 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def served_model(checkpoint: str, served_model_name: str | None = None) -> str:
+    """The `model` of the OpenAI-compatible API: served_model_name, else the checkpoint folder's name."""
+    return served_model_name or Path(checkpoint).resolve().name
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     checkpoint: str
@@ -97,7 +102,7 @@ class RouterConfig:
 
     @property
     def model_name(self) -> str:
-        return self.served_model_name or Path(self.checkpoint).resolve().name
+        return served_model(self.checkpoint, self.served_model_name)
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(SchedulerConfig(self.max_running, self.max_step_tokens, self.prefill_chunk, self.max_queue),

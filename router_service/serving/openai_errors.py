@@ -58,7 +58,8 @@ def from_api_error(e: ApiError | AuthError, fields: dict[str, str] | None = None
     -> this request's (token_ids -> prompt, max_tokens -> max_completion_tokens, ...): a message that
     starts with one is rewritten to name what the caller sent, and `param` is set to it."""
     if isinstance(e, AuthError):
-        return OpenAIError(401, e.message, *_BY_GRPC[grpc.StatusCode.UNAUTHENTICATED][1:])
+        status, type_, code = _BY_GRPC[grpc.StatusCode.UNAUTHENTICATED]
+        return OpenAIError(status, e.message, type_, code=code)
     status, type_, code = _BY_GRPC.get(e.code, _INTERNAL)
     message, param = e.message, None
     match = _FIELD.match(message)

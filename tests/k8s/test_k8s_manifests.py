@@ -389,9 +389,10 @@ def test_ports_and_metrics_match_the_configs(overlay):
     assert rayservice(objects)["spec"]["excludeHeadPodFromServeSvc"] is True
     # KubeRay copies the head container's serve-* ports into <name>-serve-svc
     assert ports(ray_container(head))["serve-grpc"] == config["grpc_options"]["port"]
+    assert ports(ray_container(head))["serve"] == config["http_options"]["port"]  # the OpenAI-compatible API
     (routers,) = groups_with_role(objects, "router")
     p = ports(ray_container(routers))
-    assert p["serve-grpc"] == config["grpc_options"]["port"]
+    assert p["serve-grpc"] == config["grpc_options"]["port"] and p["serve"] == config["http_options"]["port"]
     assert p["router-metrics"] == app["args"]["router"]["metrics_port"] == 9100
     # the autoscaler's metrics come from the controller actor, on the head
     assert ports(ray_container(head))["scaler-metrics"] == app["args"]["controller"]["autoscaler"]["metrics_port"]
@@ -557,9 +558,10 @@ def test_network_policy_reachability(overlay):
     def ok(src, dst, port):
         return reachable(policies, src, dst, port)
 
-    # from outside the namespace: the serve port of the router pods only
-    assert ok(outside, router, 9000) and ok(elsewhere, router, 9000)
-    closed = [(router, 9100), (router, group_port), (head, 9000), (head, 8265), (head, 6379), (redis, 6379)]
+    # from outside the namespace: the serve ports (gRPC, HTTP) of the router pods only
+    assert all(ok(src, router, port) for src in (outside, elsewhere) for port in (9000, 8000))
+    closed = [(router, 9100), (router, group_port), (head, 9000), (head, 8000), (head, 8265), (head, 6379),
+              (redis, 6379)]
     if expert is not router:
         closed += [(expert, group_port), (expert, 9000)]
     for dst, port in closed:

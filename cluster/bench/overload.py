@@ -128,7 +128,7 @@ async def burst(address: str, requests: int, prompt: list[int], max_tokens: int,
 
 @contextlib.contextmanager
 def local_service(checkpoint: str, groups: int, router: dict, num_cpus: int | None = None,
-                  http_port: int | None = None):
+                  http_port: int | None = None, group_threads: int | None = None):
     """A whole service in this process on loopback: Ray, `groups` expert-group actors (round-robin
     placement), the router behind Serve's gRPC ingress (and its HTTP one on http_port, else a free
     port). Yields "127.0.0.1:PORT" (gRPC); tears it all down."""
@@ -149,7 +149,8 @@ def local_service(checkpoint: str, groups: int, router: dict, num_cpus: int | No
     try:
         table = PlacementTable.round_robin(spec, [f"pending:{g}" for g in range(groups)])
         actors = [ExpertGroupActor.remote(ExpertGroupConfig(str(checkpoint), table.slots_of(g), device="cpu",
-                                                            name=f"overload-{g}")) for g in range(groups)]
+                                                            name=f"overload-{g}", cpu_threads=group_threads))
+                  for g in range(groups)]
         table = PlacementTable(1, tuple(ray.get([a.start.remote() for a in actors], timeout=300)), table.replicas)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": http_port or free_port()},

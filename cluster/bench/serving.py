@@ -9,6 +9,7 @@
        vLLM         its CPU build, from the interpreter --against-vllm names (cluster/bench/vllm_peer.py)
      tokens/s (median of --repeats), TTFT and inter-token p50/p99, and whether the greedy tokens agree
   4. --json FILE: every figure, machine-readable
+  --http instead: the service's gRPC and HTTP (OpenAI-compatible) ingresses side by side (serving_http.py)
 
 Figures depend on the machine: on 2 CPU cores the router, the groups and Ray share the cores,
 which the cluster path pays for. Ratios are only compared within one run.
@@ -43,6 +44,11 @@ def add_arguments(p) -> None:
     p.add_argument("--vllm-timeout-s", type=float, default=1800)
     p.add_argument("--kv-cache-bytes", type=int, default=None, help="the engines' KV pool (default: engine's own)")
     p.add_argument("--json", default=None, metavar="FILE", help="write every figure there as JSON")
+    p.add_argument("--http", action="store_true",
+                   help="instead: the served path, gRPC vs the OpenAI-compatible HTTP API on one router replica "
+                        "(a service started here, or --address and --http-address of a running one, loopback only)")
+    p.add_argument("--address", default=None, help="with --http: a running service's gRPC address (loopback)")
+    p.add_argument("--http-address", default=None, help="with --http: its HTTP address, e.g. 127.0.0.1:8000")
 
 
 def run(args) -> int:
@@ -62,6 +68,10 @@ def run(args) -> int:
     streams = sorted({int(s) for s in str(args.streams).split(",")})
     if not streams or streams[0] < 1 or args.repeats < 1:
         raise ValueError(f"--streams must list counts >= 1 and --repeats be >= 1, got {args.streams!r}, {args.repeats}")
+    if args.http:
+        from cluster.bench import serving_http
+
+        return serving_http.run(args, streams)
     device = resolve_device(args.device)
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     ckpt = Checkpoint(args.checkpoint)

@@ -329,6 +329,26 @@ def test_a_full_queue_is_429(service):
     assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2).choices[0].text is not None
 
 
+def test_bench_serving_http_against_this_service(service, capsys, tmp_path):
+    """`moectl bench serving --http --address --http-address`: both paths measured, the same tokens."""
+    import argparse
+
+    from cluster.bench import serving
+
+    parser = argparse.ArgumentParser()
+    serving.add_arguments(parser)
+    args = parser.parse_args(["--http", "--address", service.grpc, "--http-address", f"127.0.0.1:{service.http_port}",
+                              "--streams", "3", "--new-tokens", "6", "--prompt-tokens", "5", "--repeats", "1",
+                              "--json", str(tmp_path / "bench.json")])
+    assert serving.run(args) == 0
+    out = capsys.readouterr().out
+    assert "HTTP / gRPC: tokens/s" in out and "same tokens on both paths: 100% of streams" in out, out
+    result = json.loads((tmp_path / "bench.json").read_text())["http"]["3"]
+    assert result["grpc"]["tokens_per_s"] > 0 and result["http"]["tokens_per_s"] > 0 and result["agreement"] == 1
+    with pytest.raises(ValueError, match="loopback"):
+        serving.run(parser.parse_args(["--http", "--address", "192.0.2.1:9000", "--http-address", "192.0.2.1:8000"]))
+
+
 def test_no_live_replica_is_503(service):
     """Last: a group killed for good leaves its experts without a replica."""
     ray.kill(service.groups[1], no_restart=True)

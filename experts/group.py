@@ -37,7 +37,7 @@ from elasticmoe.v1 import expert_pb2_grpc
 from experts.config import ExpertGroupConfig
 from experts.credentials import SecretCheck, add_port
 from experts.servicer import ExpertServicer
-from experts.wire import GRPC_OPTIONS
+from experts.wire import MAX_CONCURRENT_RPCS, server_options
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,10 @@ async def serve_group(config: ExpertGroupConfig, servicer: ExpertServicer | None
         log.warning("group %s: no cluster secret configured: its expert API is open to anyone who reaches %s",
                     config.name, config.host)
     servicer.secret_check = SecretCheck(creds.secret) if creds else None
-    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[servicer.secret_check] if creds else None)
+    spec = servicer.spec
+    server = grpc.aio.server(options=server_options(spec.hidden_size, spec.top_k),
+                             maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+                             interceptors=[servicer.secret_check] if creds else None)
     expert_pb2_grpc.add_ExpertServiceServicer_to_server(servicer, server)
     try:
         port = add_port(server, f"{config.host}:{config.port}", creds)

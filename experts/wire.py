@@ -24,10 +24,24 @@ NAME_OF = {v: k for k, v in WIRE_DTYPES.items()}
 MAX_DIMS = 4
 
 # gRPC's default 4 MiB message cap is one bf16 [512, 4096] hidden batch: too small for a
-# prefill. Expert servers and the routers' channels both use these.
+# prefill. The routers' channels (which talk to the cluster's own groups) take up to this;
+# an expert server takes what the largest legitimate Forward of its model needs (below).
 MAX_MESSAGE_BYTES = 256 * 2**20
 GRPC_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+# A router sends a group at most one step's tokens per call (RouterConfig.max_step_tokens, which
+# may not exceed this), so no legitimate Forward is larger than this many tokens' worth.
+MAX_FORWARD_TOKENS = 8192
+MAX_CONCURRENT_RPCS = 256  # Forwards (routers x micro-batches) and Stats at once; beyond: RESOURCE_EXHAUSTED
+
+
+def server_options(hidden_size: int, top_k: int) -> list[tuple[str, int]]:
+    """An expert server's gRPC options: messages capped at the largest legitimate Forward of this model
+    (MAX_FORWARD_TOKENS rows of fp32 hidden, int32 ids and fp32 weights) plus headroom, and a bound on
+    concurrent calls, so one client cannot make a group hold gigabytes or thousands of handlers."""
+    largest = MAX_FORWARD_TOKENS * (hidden_size * 4 + top_k * 8) + 2**20
+    return [("grpc.max_send_message_length", largest), ("grpc.max_receive_message_length", largest),
+            ("grpc.max_concurrent_streams", MAX_CONCURRENT_RPCS)]
 
 
 class WireError(ValueError):

@@ -144,7 +144,7 @@ def local_service(checkpoint: str, groups: int, router: dict, num_cpus: int | No
 
     spec = Checkpoint(checkpoint).spec
     limit_client_messages()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     actors = []
     try:
         table = PlacementTable.round_robin(spec, [f"pending:{g}" for g in range(groups)])

@@ -77,7 +77,7 @@ def run(args) -> int:
     ckpt = Checkpoint(args.checkpoint)
     spec, path = ckpt.spec, str(args.checkpoint)
     local = ReferenceModel.from_pretrained(path, dtype=dtype, device=device)
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     table = PlacementTable.round_robin(spec, [f"pending:{g}" for g in range(args.groups)])
     group_device = "cuda" if device.type == "cuda" else "cpu"
     actors = [ExpertGroupActor.options(num_gpus=1 if group_device == "cuda" else 0).remote(

@@ -19,6 +19,7 @@ prompts of --prompt-tokens tokens and --new-tokens new tokens.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import statistics
 import threading
@@ -97,17 +98,11 @@ class _Load:
 
 
 def run(args) -> int:
-    import ray
-
+    from cluster.bench.local_cluster import LocalCluster
     from cluster.checkpoint.reader import Checkpoint
     from cluster.control.autoscaler_config import AutoscalerConfig
-    from cluster.control.controller import ControllerActor, ControllerConfig
     from cluster.deploy.serve_cmd import parse_settings
-    from cluster.state.redis_server import EmbeddedRedis
-    from cluster.state.store import ClusterState
     from router_service.model.reference import ReferenceModel
-    from router_service.serving.router import Router
-    from router_service.serving.router_config import RouterConfig
 
     settings = AutoscalerConfig.from_dict({"metrics_port": None, **parse_settings(args.autoscaler)})
     if args.address:
@@ -122,38 +117,20 @@ def run(args) -> int:
           f"tokens, prompts of {args.prompt_tokens}; skew: {len(hot)} tokens routed mostly to group 0's experts "
           f"{sorted(group0)}; torch threads per group: {args.group_threads or 'default'}")
 
-    redis = EmbeddedRedis()
-    ray.init(include_dashboard=False, log_to_driver=False, namespace="elasticmoe-bench")
-    name = f"bench-skew-{int(time.time())}"
-    controller, router, load = None, None, None
-    try:
-        state = ClusterState(redis.url, "bench")
-        state.set_paused(True)
-        controller = ControllerActor.options(name=name).remote(ControllerConfig(
-            checkpoint=str(args.checkpoint), num_groups=args.groups, redis_url=redis.url, redis_namespace="bench",
-            group_device="cpu", name=name, autoscaler=settings, group_cpu_threads=args.group_threads))
-        ray.get(controller.start.remote())
-        router = Router(RouterConfig(checkpoint=str(args.checkpoint), placement=state.load_placement().to_json(),
-                                     redis_url=redis.url, redis_namespace="bench", metrics_port=None,
-                                     max_new_tokens=args.new_tokens),
-                        ray.get(controller.expert_credentials.remote()))
-        mode = {"tokens": hot}
-        load = _Load(_engine_generate(router.engine),
-                     lambda rng: [rng.choice(mode["tokens"]) for _ in range(args.prompt_tokens)],
-                     args.streams, args.new_tokens)
-        return _phases(args, settings, state, load, mode, hot, uniform)
-    finally:
-        if load is not None:
-            load.stop()
-        if router is not None:
-            router.close()
-        if controller is not None:
-            try:
-                ray.get(controller.shutdown.remote(), timeout=60)
-            finally:
-                ray.kill(controller)
-        ray.shutdown()
-        redis.stop()
+    load = None
+    with LocalCluster(args.checkpoint, args.groups, autoscaler=dataclasses.asdict(settings),
+                      router={"max_new_tokens": args.new_tokens}, group_threads=args.group_threads,
+                      name=f"bench-skew-{int(time.time())}") as cluster:
+        cluster.state.set_paused(True)
+        try:
+            mode = {"tokens": hot}
+            load = _Load(_engine_generate(cluster.router.engine),
+                         lambda rng: [rng.choice(mode["tokens"]) for _ in range(args.prompt_tokens)],
+                         args.streams, args.new_tokens)
+            return _phases(args, settings, cluster.state, load, mode, hot, uniform)
+        finally:
+            if load is not None:
+                load.stop()
 
 
 def _engine_generate(engine):

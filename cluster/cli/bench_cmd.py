@@ -1,4 +1,4 @@
-"""`moectl simulate` and `moectl bench kernel|serving|skew|overload`: wiring only, each
+"""`moectl simulate` and `moectl bench kernel|serving|skew|overload|soak`: wiring only, each
 benchmark's flags and code live in cluster/bench."""
 from __future__ import annotations
 
@@ -39,3 +39,9 @@ def add_commands(sub) -> None:
 
     bench_overload.add_arguments(p)
     p.set_defaults(fn=lambda args: bench_overload.run(args))
+    p = bench.add_parser("soak", help="mixed traffic for --minutes while faults strike (group kill -9, Redis "
+                                      "restart, rebalance, slow group, burst): failures, greedy checks, memory")
+    from cluster.bench import soak as bench_soak
+
+    bench_soak.add_arguments(p)
+    p.set_defaults(fn=lambda args: bench_soak.run(args))

@@ -80,12 +80,10 @@ class GroupLifecycle:
             raise ControllerError(f"{len(failed)} of {cfg.num_groups} group(s) failed to start; "
                                   f"first: {name}: {error}") from error
         # Above any version a previous controller left in Redis, so routers switch to it (v1 on a fresh Redis).
-        table = PlacementTable(self.state.placement_version() + 1, tuple(results), plan.replicas)
+        version = await asyncio.to_thread(self.state.placement_version)
+        table = PlacementTable(version + 1, tuple(results), plan.replicas)
         table.validate(spec)
-        # Groups first: a router that sees the new placement can already look every group up.
-        for i, name in enumerate(self.names):
-            self.state.register_group(name, table.groups[i], table.slots_of(i))
-        self.state.publish_placement(table)
+        await self._register_and_publish(table, range(len(self.names)))
         self._table = self._published = table
         self._held = [set(table.slots_of(i)) for i in range(len(self.names))]
         log.info("controller %s: placement version %d published, groups %s", cfg.name, table.version,
@@ -167,10 +165,22 @@ class GroupLifecycle:
         self.names = [f"{self.config.name}-group-{i}" for i in range(self.config.num_groups)]
         self._next_name = self.config.num_groups
 
+    async def _register_and_publish(self, table: PlacementTable, ids, publish: bool = True) -> None:
+        """Register groups `ids` with their addresses and slots in `table`, then publish it: groups
+        first, so a router that sees the placement can look every group up. Off the actor's event
+        loop: a slow Redis must not stall the control calls waiting on it."""
+        def write():
+            for i in ids:
+                self.state.register_group(self.names[i], table.groups[i], table.slots_of(i))
+            if publish:
+                self.state.publish_placement(table)
+
+        await asyncio.to_thread(write)
+
     async def _kill(self, groups: list[tuple[str, object, str | None]]) -> None:
         for name, actor, _ in groups:
             ray.kill(actor, no_restart=True)
-            self.state.unregister_group(name)
+            await asyncio.to_thread(self.state.unregister_group, name)
             log.info("controller %s: killed group %s", self.config.name, name)
         await asyncio.gather(*(self._wait_dead(*group) for group in groups))
 

@@ -85,9 +85,7 @@ class GroupRepair:
             groups = tuple(moved.get(i, address) for i, address in enumerate(table.groups))
             new = PlacementTable(table.version + 1, groups, table.replicas, table.shares)
             if table == self._published:  # else survivors of a lost group wait to be published (below)
-                for i, address in moved.items():
-                    self.state.register_group(self.names[i], address, new.slots_of(i))
-                self.state.publish_placement(new)
+                await self._register_and_publish(new, moved)
                 self._published = new
             self._table = new
             for i, address in moved.items():

@@ -7,11 +7,14 @@ sets and documents the state used here.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import numpy as np
 
 from cluster.control.controller_errors import ControllerError
 from cluster.placement.layout import Placement
+
+log = logging.getLogger("cluster.control.controller")
 
 
 class ManualRequests:
@@ -20,7 +23,13 @@ class ManualRequests:
     async def _serve_requests(self) -> None:
         """Manual changes queued by `moectl scale` (served even while the autoscaler is paused)."""
         for request in await asyncio.to_thread(self.state.pop_requests):
+            if request["id"] is None:  # nothing to answer it by: the log says why
+                log.warning("controller %s: dropped a malformed request from Redis: %s", self.config.name,
+                            request["invalid"])
+                continue
             try:
+                if "invalid" in request:
+                    raise ControllerError(f"malformed request: {request['invalid']}")
                 if request.get("kind") != "scale":
                     raise ControllerError(f"unknown request kind {request.get('kind')!r}")
                 result = await self.scale(int(request["layer"]), int(request["expert"]), int(request["replicas"]))

@@ -165,8 +165,7 @@ class Scaling:
             self.metrics.planned_imbalance.set(placement.expected_imbalance)
         if result.result != "failed":
             self._table = self._published = new
-            for i in range(min(len(self.names), len(new.groups))):
-                self.state.register_group(self.names[i], new.groups[i], new.slots_of(i))
+            await self._register_and_publish(new, range(min(len(self.names), len(new.groups))), publish=False)
         self.autoscaler.changed()  # a failure cools down too: no retry storm
         self.last_rebalance = result.as_dict()
         return result

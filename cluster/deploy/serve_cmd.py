@@ -92,7 +92,7 @@ def run(args) -> int:
         raise ValueError(f"--http-port must be in [0, 65535] (0 = off) and not --port, got {args.http_port}")
     from cluster.checkpoint.reader import Checkpoint
 
-    Checkpoint(args.checkpoint)  # fail in one line on a bad checkpoint, before starting anything
+    spec = Checkpoint(args.checkpoint).spec  # fail in one line on a bad checkpoint, before starting anything
     from cluster.control.autoscaler_config import AutoscalerConfig
 
     autoscaler = AutoscalerConfig.from_dict(parse_settings(args.autoscaler))  # bad settings fail here, in one line
@@ -110,6 +110,7 @@ def run(args) -> int:
 
     from cluster.control.controller import ControllerActor, ControllerConfig
     from cluster.state.redis_server import EmbeddedRedis, free_port
+    from router_service.serving.api import max_request_bytes
     from router_service.serving.deployment import GRPC_SERVICER_FUNCTIONS, build_app, limit_client_messages
 
     redis = None if args.redis_url else EmbeddedRedis()
@@ -120,8 +121,12 @@ def run(args) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         # A named namespace: the detached controller is then reachable by name from other drivers.
-        limit_client_messages()  # inherited by the Ray we start (with --address, that cluster's own setting holds)
-        ray.init(address=args.address, namespace=RAY_NAMESPACE, include_dashboard=False, log_to_driver=False)
+        # the largest legal request of this model: inherited by the Ray we start (with --address, that cluster's
+        # own setting holds)
+        limit_client_messages(limit_bytes=max_request_bytes(spec))
+        # "local": a Ray of our own even when another runs on this machine (ray.init(None) would join it)
+        ray.init(address=args.address or "local", namespace=RAY_NAMESPACE, include_dashboard=False,
+                 log_to_driver=False)
         config = ControllerConfig(checkpoint=str(args.checkpoint), num_groups=args.groups, redis_url=redis_url,
                                   autoscaler=autoscaler, group_cpu_threads=args.group_threads, dtype=args.dtype)
         # Detached and named, so routers and `moectl` on other nodes can find it; this process owns it

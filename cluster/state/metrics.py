@@ -9,11 +9,12 @@ process (tests, `moectl serve`) never collide.
 |---|---|---|---|
 | `elasticmoe_routed_pairs_total` | counter | layer | router: (token, expert) pairs routed |
 | `elasticmoe_expert_routed_pairs_total` | counter | layer, expert | router, per_expert only |
-| `elasticmoe_forward_seconds` | histogram | group | router: one Forward RPC, by group id |
+| `elasticmoe_forward_seconds` | histogram | group | router: one Forward RPC, by group address (host:port; ids shift when a group is dropped) |
 | `elasticmoe_forward_failures_total` | counter | group | router: Forward RPCs that failed |
 | `elasticmoe_forward_slow_total` | counter | group | router: Forward RPCs given up after `forward_slow_s`, their pairs moved to another replica |
 | `elasticmoe_router_placement_version` | gauge | | router: the placement in use |
 | `elasticmoe_telemetry_dropped_total` | counter | | router: load batches lost while Redis was down |
+| `elasticmoe_background_errors_total` | counter | task | router: rounds of a background task (telemetry, health-groups, health-redis) that raised; the task runs on |
 | `elasticmoe_kv_blocks` | gauge | state (used, total) | router: KV cache blocks of the pool |
 | `elasticmoe_kv_preemptions_total` | counter | | router: sequences preempted for KV blocks (recomputed later) |
 | `elasticmoe_sequences` | gauge | state (running, waiting) | router: sequences holding KV blocks, and queued |
@@ -75,6 +76,11 @@ class RouterMetrics:
                                        registry=r)
         self.telemetry_dropped = Counter("elasticmoe_telemetry_dropped", "load batches lost while Redis was down",
                                          registry=r)
+        self.background_errors = Counter("elasticmoe_background_errors", "rounds of a background task that raised",
+                                         ["task"], registry=r)
+
+    def on_background_error(self, task: str) -> None:
+        self.background_errors.labels(task).inc()
 
     def watch_engine(self, stats) -> None:
         """Engine figures read at scrape time from stats() (an object with blocks_used, blocks_total,
@@ -90,7 +96,7 @@ class RouterMetrics:
         for layer, n in by_layer.items():
             self.routed.labels(str(layer)).inc(n)
 
-    def on_forward(self, group: int, seconds: float, outcome: str) -> None:
+    def on_forward(self, group: str, seconds: float, outcome: str) -> None:
         """outcome: "ok", "failed", or "slow" (given up after forward_slow_s and moved)."""
         self.forward_seconds.labels(str(group)).observe(seconds)
         if outcome == "failed":

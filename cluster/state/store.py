@@ -231,11 +231,13 @@ class ClusterState:
         return request_id
 
     def pop_requests(self) -> list[dict]:
+        """Every queued request, parsed one by one: a malformed entry becomes {"id": its id or None,
+        "invalid": why} and costs no other request its place (the list is gone once read)."""
         with self.client.pipeline(transaction=True) as pipe:
             pipe.lrange(self.requests_key, 0, -1)
             pipe.delete(self.requests_key)
             texts, _ = pipe.execute()
-        return [json.loads(t) for t in texts]
+        return [_parse_request(t) for t in texts]
 
     def put_result(self, request_id: str, result: dict) -> None:
         with self.client.pipeline(transaction=False) as pipe:
@@ -246,3 +248,15 @@ class ClusterState:
     def result(self, request_id: str) -> dict | None:
         text = self.client.hget(self.results_key, request_id)
         return json.loads(text) if text else None
+
+
+def _parse_request(text) -> dict:
+    try:
+        request = json.loads(text)
+    except (TypeError, ValueError) as e:
+        return {"id": None, "invalid": f"not JSON ({e})"}
+    if not isinstance(request, dict):
+        return {"id": None, "invalid": f"not a JSON object: {type(request).__name__}"}
+    if not isinstance(request.get("id"), str) or not request["id"]:
+        return {"id": None, "invalid": "no request id"}
+    return request

@@ -12,7 +12,7 @@
         EXPIRE       {ns}:group-load:{b} TTL
     autoscaler --expert_load(window)/group_load(window)/routers()--> sums of the buckets in the window
 
-Keys ({ns} as in cluster/state/store.py; b = int(unix time // BUCKET_S)):
+Keys ({ns} as in cluster/state/store.py; b = int(unix time // BUCKET_S), times from Redis' own clock (TIME)):
 
 | key | type | meaning |
 |---|---|---|
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections import defaultdict
 
 from cluster.state.store import ClusterState
@@ -55,12 +54,18 @@ class Telemetry:
         self._group_prefix = f"{ns}:group-load:"
         self.routers_key = f"{ns}:routers"
 
+    def server_time(self) -> float:
+        """Redis' clock (TIME), not this host's: routers, groups and the controller run on different
+        machines, and heartbeat ages and load buckets must not depend on how well their clocks agree."""
+        seconds, micros = self.client.time()
+        return seconds + micros / 1e6
+
     # ---- write ----------------------------------------------------------------------
 
     def record_router(self, router_id: str, counts: dict[Slot, int], version: int, metrics: str | None = None,
                       now: float | None = None) -> None:
         """Add a router's routed pairs to the current bucket and refresh its heartbeat."""
-        now = time.time() if now is None else now
+        now = self.server_time() if now is None else now
         key = self._load_prefix + str(_bucket(now))
         with self.client.pipeline(transaction=False) as pipe:
             for (layer, expert), n in counts.items():
@@ -74,7 +79,7 @@ class Telemetry:
     def record_group(self, group: str, slot_tokens: dict[Slot, int], busy_s: float, calls: int, queue_depth: int,
                      now: float | None = None) -> None:
         """Add a group's work since its last record to the current bucket."""
-        now = time.time() if now is None else now
+        now = self.server_time() if now is None else now
         key = self._group_prefix + str(_bucket(now))
         with self.client.pipeline(transaction=False) as pipe:
             for (layer, expert), n in slot_tokens.items():
@@ -124,7 +129,7 @@ class Telemetry:
     def routers(self, max_age_s: float = ROUTER_TTL_S, now: float | None = None) -> dict[str, dict]:
         """Routers heard from in the last max_age_s seconds: id -> {"version", "updated_at", "metrics"}.
         Entries much older than that are deleted (a router that died without saying so)."""
-        now = time.time() if now is None else now
+        now = self.server_time() if now is None else now
         live, dead = {}, []
         for router_id, text in self.client.hgetall(self.routers_key).items():
             try:
@@ -142,7 +147,7 @@ class Telemetry:
         return live
 
     def _read(self, prefix: str, window_s: float, now: float | None) -> list[dict]:
-        now = time.time() if now is None else now
+        now = self.server_time() if now is None else now
         last = _bucket(now)
         first = _bucket(now - window_s) + 1 if window_s > 0 else last
         first = min(first, last)

@@ -3,9 +3,18 @@
 Transport-free: the Ray Serve deployment (and tests) adapt these to gRPC. Every error a
 client can cause is an ApiError carrying its gRPC status code and a message that names
 the field and the allowed range; protobuf types stop here and never go deeper.
+
+Cheap checks first: sizes and counts are bounded before anything walks, tokenizes or
+copies a field (MAX_STOP_TOKEN_IDS, the context length, PROMPT_BYTES_PER_TOKEN); text is
+tokenized off the event loop, which serves every other client of the replica. A failure
+that is not the client's (a bug, a broken group) is INTERNAL with a fixed message and a log
+line: its text never reaches the client, and it is that request's alone.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
+import uuid
 from typing import AsyncIterator, Callable
 
 import grpc
@@ -19,7 +28,20 @@ from router_service.model.sampling import SamplingError, SamplingParams
 from router_service.model.tokenizer import Tokenizer
 from router_service.serving.dispatch import DispatchError
 
+log = logging.getLogger(__name__)
+
 DEFAULT_MAX_TOKENS = 16
+MAX_STOP_TOKEN_IDS = 128  # a stop list is a handful of ids; this bound keeps one request's checks cheap
+# A text prompt longer than this many bytes per context position cannot fit the context whatever
+# the tokenizer (byte-level BPE tokens average 3-5 bytes): refuse it before tokenizing it.
+PROMPT_BYTES_PER_TOKEN = 32
+
+
+def max_request_bytes(spec: ModelSpec) -> int:
+    """The largest legal client message for this model: a text prompt at its byte bound, or a context of
+    token ids (a varint each, at most 5 bytes), the stop ids, the other fields and protobuf's framing."""
+    context = spec.max_position_embeddings
+    return max(PROMPT_BYTES_PER_TOKEN * context, 6 * context) + 6 * MAX_STOP_TOKEN_IDS + 4096
 
 
 class ApiError(Exception):
@@ -58,7 +80,9 @@ class MoEApi:
             raise invalid(f"{name} has fields this server does not know (numbers {numbers}): it speaks "
                           f"elasticmoe.v1 as in proto/elasticmoe/v1/serving.proto; is the client newer?")
 
-    def _token_ids(self, ids, field: str) -> list[int]:
+    def _token_ids(self, ids, field: str, limit: int) -> list[int]:
+        if len(ids) > limit:  # counted before any id is read
+            raise invalid(f"{field} holds {len(ids)} ids; it must hold at most {limit}")
         ids = list(ids)
         bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
         if bad:
@@ -71,9 +95,10 @@ class MoEApi:
         if request.prompt:
             if self.tokenizer is None:
                 raise invalid("prompt (text) needs a model with a tokenizer; this one takes token_ids only")
+            self.check_prompt_size(request)
             ids = self.tokenizer.encode(request.prompt)
         else:
-            ids = self._token_ids(request.token_ids, "token_ids")
+            ids = self._token_ids(request.token_ids, "token_ids", self.spec.max_position_embeddings)
         if not ids:
             raise invalid("prompt is empty: give a non-empty prompt or token_ids")
         return ids
@@ -91,7 +116,7 @@ class MoEApi:
                 top_k=request.top_k,
                 max_tokens=request.max_tokens if request.HasField("max_tokens") else min(DEFAULT_MAX_TOKENS, limit),
                 seed=request.seed if request.HasField("seed") else None,
-                stop_token_ids=tuple(self._token_ids(request.stop_token_ids, "stop_token_ids")),
+                stop_token_ids=tuple(self._token_ids(request.stop_token_ids, "stop_token_ids", MAX_STOP_TOKEN_IDS)),
                 logprobs=request.logprobs,
                 max_tokens_limit=limit,
             )
@@ -104,47 +129,65 @@ class MoEApi:
         prompt = self._prompt(request)
         return prompt, self._params(request, len(prompt))
 
+    def check_prompt_size(self, request: serving_pb2.GenerateRequest) -> None:
+        """The prompt's bytes against what the context could hold, before tokenizing it."""
+        limit = PROMPT_BYTES_PER_TOKEN * self.spec.max_position_embeddings
+        if len(request.prompt) > limit or len(request.prompt.encode("utf-8")) > limit:
+            raise invalid(f"prompt must be at most {limit} bytes of text (the context holds "
+                          f"{self.spec.max_position_embeddings} tokens), got {len(request.prompt.encode('utf-8'))}")
+
     def validate_score(self, request: serving_pb2.ScoreRequest) -> list[int]:
         self._known_fields_only(request, "ScoreRequest")
-        ids = self._token_ids(request.token_ids, "token_ids")
+        context = self.spec.max_position_embeddings
+        if len(request.token_ids) > context:
+            raise invalid(f"token_ids has {len(request.token_ids)} tokens; the context holds {context}")
+        ids = self._token_ids(request.token_ids, "token_ids", context)
         if len(ids) < 2:
             raise invalid(f"token_ids must hold at least 2 tokens to score, got {len(ids)}")
-        if len(ids) > self.spec.max_position_embeddings:
-            raise invalid(f"token_ids has {len(ids)} tokens; the context holds {self.spec.max_position_embeddings}")
         return ids
 
     # ---- the three calls ----
 
     async def generate(self, request: serving_pb2.GenerateRequest) -> AsyncIterator[serving_pb2.GenerateResponse]:
-        prompt, params = self.validate_generate(request)
-        emitted: list[int] = []
+        if request.prompt:
+            self.check_prompt_size(request)  # on the loop: O(1) before any work
+            prompt, params = await asyncio.to_thread(self.validate_generate, request)  # tokenizing is not
+        else:
+            prompt, params = self.validate_generate(request)
+        text = self.tokenizer.stream() if self.tokenizer is not None else None
         try:
             async for event in self.engine.generate(prompt, params):
-                text = ""
-                if self.tokenizer is not None and event.token_ids:  # text that the new tokens complete
-                    before = self.tokenizer.decode(emitted)
-                    emitted += event.token_ids
-                    text = self.tokenizer.decode(emitted)[len(before):]
-                yield serving_pb2.GenerateResponse(token_ids=event.token_ids, text=text,
+                yield serving_pb2.GenerateResponse(token_ids=event.token_ids,
+                                                   text=text.add(event.token_ids) if text is not None else "",
                                                    logprobs=event.logprobs if params.logprobs else [],
                                                    finish_reason=event.finish_reason or "")
-        except QueueFull as e:
-            raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
-        except RequestTooLarge as e:
-            raise invalid(str(e)) from None
-        except DispatchError as e:
-            raise dispatch_failure(e) from None
+        except Exception as e:
+            raise _api_error(e) from None
 
     async def score(self, request: serving_pb2.ScoreRequest) -> serving_pb2.ScoreResponse:
         ids = self.validate_score(request)
         try:
             return serving_pb2.ScoreResponse(logprobs=await self.engine.score(ids))
-        except QueueFull as e:
-            raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
-        except RequestTooLarge as e:
-            raise invalid(str(e)) from None
-        except DispatchError as e:
-            raise dispatch_failure(e) from None
+        except Exception as e:
+            raise _api_error(e) from None
 
     def status(self, request: serving_pb2.StatusRequest | None = None) -> serving_pb2.StatusResponse:
         return self._status()
+
+
+def _api_error(e: Exception) -> ApiError:
+    """What the client is told when its request failed past validation."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, QueueFull):
+        return ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+    if isinstance(e, RequestTooLarge):
+        return invalid(str(e))
+    if isinstance(e, DispatchError):
+        return dispatch_failure(e)
+    incident = uuid.uuid4().hex[:12]  # the server's own failure: its text stays in the log
+    log.error("request failed with an internal error (incident %s)", incident, exc_info=e)
+    return ApiError(grpc.StatusCode.INTERNAL, f"internal error (incident {incident}); the router's log has it")
+
+
+api_error = _api_error  # public: the OpenAI-compatible API maps the engine's failures the same way (openai_choices.py)

@@ -38,9 +38,10 @@ SERVE_MESSAGE_SIZE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
 MAX_CLIENT_MESSAGE_BYTES = 16 * 2**20
 
 
-def limit_client_messages(environ=os.environ) -> None:
-    """Cap Serve's gRPC message size for a Ray started from this process (an explicit setting stays)."""
-    environ.setdefault(SERVE_MESSAGE_SIZE_ENV, str(MAX_CLIENT_MESSAGE_BYTES))
+def limit_client_messages(environ=os.environ, limit_bytes: int = MAX_CLIENT_MESSAGE_BYTES) -> None:
+    """Cap Serve's gRPC message size for a Ray started from this process (an explicit setting stays).
+    `moectl serve`, which knows the model, passes api.max_request_bytes(spec): the largest legal request."""
+    environ.setdefault(SERVE_MESSAGE_SIZE_ENV, str(min(limit_bytes, MAX_CLIENT_MESSAGE_BYTES)))
 
 
 # What `grpc_options.grpc_servicer_functions` must list for this deployment.

@@ -63,7 +63,7 @@ class RemoteExperts:
         self.spec, self.timeout_s, self.slow_s = spec, timeout_s, slow_s
         self._metadata = call_metadata(credentials)  # the cluster secret, on every call
         self._credentials = credentials
-        self.on_forward = on_forward  # (group id, seconds, "ok" | "failed" | "slow") after every Forward: metrics
+        self.on_forward = on_forward  # (group address, seconds, "ok" | "failed" | "slow") after every Forward: metrics
         self.on_stale = on_stale  # a group says our placement is stale (FAILED_PRECONDITION): refresh it
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="expert-dispatch", daemon=True)
@@ -126,6 +126,15 @@ class RemoteExperts:
                 self._channels[address] = channel(address, self._credentials, GRPC_OPTIONS)
                 self._stubs[address] = expert_pb2_grpc.ExpertServiceStub(self._channels[address])
 
+    async def _close_unused(self) -> None:
+        """Close the channels of groups neither the placement in use nor the next one names (removed or
+        restarted on a new port): one channel per group that ever existed would otherwise pile up."""
+        keep = set(self._routes.table.groups) | set(self._pending.table.groups)
+        for address in [a for a in self._channels if a not in keep]:
+            self._stubs.pop(address)
+            await self._channels.pop(address).close()
+            self._down.pop(address, None)
+
     def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
@@ -137,7 +146,9 @@ class RemoteExperts:
         device = x.device
         x, ids, weights = to_host(x), to_host(ids), to_host(weights)
         if layer == self.spec.sparse_layers[0]:
-            self._routes = self._pending  # a step boundary
+            if self._routes is not self._pending:  # a step boundary with a new placement
+                self._routes = self._pending
+                self._run(self._close_unused())
             self._step_version = self._routes.table.version
         routed = torch.bincount(ids.flatten(), minlength=self.spec.num_experts)
         with self._load_lock:
@@ -178,13 +189,16 @@ class RemoteExperts:
             if waiting:
                 # Slower than slow_s: where every pair of the part has a replica on a group that is
                 # neither failed nor slow itself, give up on the group and move them; else keep
-                # waiting (the call's own timeout is the deadline).
+                # waiting (the call's own timeout is the deadline). A group whose call of this round
+                # already failed counts as failed here: moving a slow group's pairs onto a group
+                # that just refused its own would leave them no replica (found by the soak).
                 slow = {parts[t][0]: DispatchError(routes.table.groups[parts[t][0]], grpc.StatusCode.DEADLINE_EXCEEDED,
                                                    f"no answer within forward_slow_s={self.slow_s} s") for t in waiting}
+                just_failed = {parts[t][0]: t.exception() for t in done if t.exception() is not None}
                 keep = set()
                 for task in waiting:
                     g, rows, mine = parts[task]
-                    moved = self._alternative(routes, layer, ids, mine, {**failed, **slow}, strict=False)
+                    moved = self._alternative(routes, layer, ids, mine, {**failed, **just_failed, **slow}, strict=False)
                     if moved is None:
                         keep.add(task)
                         continue
@@ -251,8 +265,9 @@ class RemoteExperts:
         return decode(response.output, "output")
 
     def _observe(self, group: int, seconds: float, outcome: str) -> None:
+        """Metrics by the group's address: a group id is an index that shifts when a group is dropped."""
         if self.on_forward is not None:
-            self.on_forward(group, seconds, outcome)
+            self.on_forward(self._routes.table.groups[group], seconds, outcome)
 
     def group_stats(self, timeout_s: float = 1.0) -> dict[str, expert_pb2.StatsResponse | None]:
         """Stats of every group in the latest placement; None for a group that did not answer in time."""

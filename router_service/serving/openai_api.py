@@ -13,6 +13,7 @@ as one `data: {"error": ...}` event before [DONE], the status being already sent
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -121,7 +122,7 @@ def build_openai_app(api: MoEApi, template: ChatTemplate | None, auth: TokenAuth
         authenticate(request)
         body = await read_json(request)
         check_model(body if isinstance(body, dict) else {}, model)
-        plan = parse(kind, body, api, template)
+        plan = await asyncio.to_thread(parse, kind, body, api, template)  # tokenizing: off the event loop
         choices = Choices(api.engine, api.tokenizer, plan)
         try:
             await choices.start()

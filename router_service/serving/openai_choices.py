@@ -1,7 +1,7 @@
 """The choices of one OpenAI request, run on the engine: one sequence each, their events merged.
 
     Plan.choices() -> a task per choice: Engine.generate(ids, params) -> (choice, Event) -> one queue
-    -> Choices.deltas(): per choice DecodeStream (text) -> StopStrings (cut at a stop string)
+    -> Choices.deltas(): per choice TextStream (text, as gRPC's) -> StopStrings (cut at a stop string)
        -> Delta(index, text, token ids, logprobs, top logprobs, finish_reason)
 
 start() submits every choice and waits for each one's first event, so what a client can cause
@@ -16,14 +16,10 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-import grpc
-
-from router_service.engine.engine import Engine, RequestTooLarge
-from router_service.engine.scheduler import QueueFull
+from router_service.engine.engine import Engine
 from router_service.engine.sequence import Event
-from router_service.model.tokenizer import DecodeStream, Tokenizer
-from router_service.serving.api import ApiError, dispatch_failure, invalid
-from router_service.serving.dispatch import DispatchError
+from router_service.model.tokenizer import TextStream, Tokenizer
+from router_service.serving.api import api_error
 from router_service.serving.openai_schema import Plan
 from router_service.serving.stop_strings import StopStrings
 
@@ -44,25 +40,12 @@ class Delta:
 class _Choice:
     index: int
     prompt: int  # index into plan.prompts
-    decode: DecodeStream | None
+    text: TextStream | None
     stops: StopStrings | None
     num_tokens: int = 0
     finished: bool = False
     started: bool = False
     task: asyncio.Task | None = field(default=None, repr=False)
-
-
-def engine_error(e: Exception) -> ApiError | None:
-    """The ApiError (gRPC code and message) of what the engine raised; None for anything else (a bug)."""
-    if isinstance(e, ApiError):
-        return e
-    if isinstance(e, QueueFull):
-        return ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-    if isinstance(e, RequestTooLarge):
-        return invalid(str(e))
-    if isinstance(e, DispatchError):
-        return dispatch_failure(e)
-    return None
 
 
 class Choices:
@@ -71,7 +54,7 @@ class Choices:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._buffer: list[Delta] = []
         self.prompt_logprobs: list[list[float]] = []  # echo with logprobs: Score of each prompt
-        self._choices = [_Choice(i, p, DecodeStream(tokenizer, plan.prompts[p].ids) if tokenizer else None,
+        self._choices = [_Choice(i, p, tokenizer.stream() if tokenizer else None,
                                  StopStrings(plan.stop) if plan.stop else None)
                          for i, p, _ in plan.choices()]
         self._params = [params for _, _, params in plan.choices()]
@@ -85,7 +68,7 @@ class Choices:
             try:
                 self.prompt_logprobs = [await self.engine.score(p.ids) for p in self.plan.prompts]
             except Exception as e:
-                raise engine_error(e) or e from None
+                raise api_error(e) from None
         while not all(c.started for c in self._choices):
             delta = await self._next()
             if delta is not None:
@@ -127,7 +110,7 @@ class Choices:
         if c.finished:  # a choice cut at a stop string: what its task had already queued is dropped
             return None
         if error is not None:
-            raise engine_error(error) or error
+            raise api_error(error)  # an ApiError: the gRPC path's code and message
         delta = self._delta(c, event)
         if delta.finish_reason is not None:
             c.finished = True
@@ -139,9 +122,7 @@ class Choices:
     def _delta(self, c: _Choice, event: Event) -> Delta:
         c.num_tokens += len(event.token_ids)
         finish = event.finish_reason
-        text = ""
-        if c.decode is not None:
-            text = c.decode.add(event.token_ids) + (c.decode.flush() if finish else "")
+        text = c.text.add(event.token_ids) if c.text is not None else ""
         if c.stops is not None:
             text = c.stops.add(text, final=finish is not None)
             if c.stops.stopped:

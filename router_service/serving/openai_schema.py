@@ -79,7 +79,8 @@ def check_model(body: dict, served: str) -> None:
 
 
 def parse(kind: str, body, api: MoEApi, template: ChatTemplate | None) -> Plan:
-    """The Plan of a /v1/completions (kind "completion") or /v1/chat/completions ("chat") body."""
+    """The Plan of a /v1/completions (kind "completion") or /v1/chat/completions ("chat") body. It renders
+    and tokenizes: call it off the event loop (the sizes are bounded first, as gRPC's)."""
     if not isinstance(body, dict):
         raise bad_request(None, "the request body must be a JSON object")
     _known_fields(kind, body)
@@ -192,6 +193,10 @@ def _chat_prompt(body: dict, api: MoEApi, template: ChatTemplate | None) -> list
         text = template.render(messages, _bool(body, "add_generation_prompt", True))
     except ChatTemplateError as e:
         raise bad_request("messages", str(e)) from None
+    try:
+        api.check_prompt_size(serving_pb2.GenerateRequest(prompt=text))  # before tokenizing, as gRPC's prompt
+    except ApiError as e:
+        raise from_api_error(e, {"prompt": "messages"}) from None
     return api.tokenizer.encode(text, add_special_tokens=False)  # the template wrote the special tokens
 
 
@@ -250,5 +255,6 @@ def _prompt(text: str | list[int], sampling: dict, names: dict, logprobs: bool, 
         raise from_api_error(e, names) from None
     except SamplingError as e:
         raise bad_request(e.field, str(e)) from None
-    decoded = text if isinstance(text, str) else api.tokenizer.decode(ids) if api.tokenizer else ""
+    chat = names["token_ids"] == "messages"  # no echo in chat: its prompt text is never returned
+    decoded = text if isinstance(text, str) else api.tokenizer.decode(ids) if api.tokenizer and not chat else ""
     return Prompt(ids, params, decoded)

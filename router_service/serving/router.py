@@ -25,8 +25,10 @@ from router_service.model.dense import DenseModel
 from router_service.model.tokenizer import Tokenizer
 from router_service.serving.api import MoEApi
 from router_service.serving.dispatch import RemoteExperts
+from router_service.serving.health import HealthCache
 from router_service.serving.placement_follower import PlacementFollower
 from router_service.serving.router_config import RouterConfig, resolve_device
+from router_service.serving.status import build_status
 from router_service.serving.telemetry_reporter import TelemetryReporter
 
 log = logging.getLogger(__name__)
@@ -87,7 +89,9 @@ class Router:
             self.experts.on_stale = self.follower.refresh_soon
             self.reporter = TelemetryReporter(self.experts, Telemetry(state), config.telemetry_flush_s,
                                               metrics_address=self.metrics_address, on_flush=self._on_flush,
-                                              on_drop=self.metrics.telemetry_dropped.inc)
+                                              on_drop=self.metrics.telemetry_dropped.inc,
+                                              on_error=self.metrics.on_background_error)
+        self.health = HealthCache(self.experts, self.state, on_error=self.metrics.on_background_error)
         self.api = MoEApi(self.engine, spec, Tokenizer.from_dir(config.checkpoint), self.status)
         self.spec = spec
         log.info("router up: %s, %s on %s (torch threads %d), %d dense MiB, placement v%d over %d groups",
@@ -95,69 +99,20 @@ class Router:
                  self.experts.table.version, len(self.experts.table.groups))
 
     def status(self) -> serving_pb2.StatusResponse:
-        """Groups with their health (a Stats call answered), the placement, per-expert load.
-
-        serving: every expert has at least one replica on a group that answered.
-        load: (token, expert) pairs each expert has served, summed over its replicas.
-        """
-        table = self.experts.latest_table
-        stats = self.experts.group_stats()
-        live = _live_groups(table, stats)
-        load: dict[tuple[int, int], int] = {}
-        for reply in stats.values():
-            for s in reply.slots if reply is not None else ():
-                key = (s.slot.layer, s.slot.expert)
-                load[key] = load.get(key, 0) + s.tokens
-        return serving_pb2.StatusResponse(
-            serving=_every_expert_live(table, live),
-            placement_version=table.version, model=self.spec.family,
-            groups=[serving_pb2.GroupStatus(name=f"group-{g}", address=a,
-                                            health="SERVING" if g in live else "NOT_SERVING",
-                                            experts=[serving_pb2.ExpertRef(layer=l, expert=e)
-                                                     for l, e in table.slots_of(g)])
-                    for g, a in enumerate(table.groups)],
-            placement=[serving_pb2.PlacementEntry(layer=l, expert=e, groups=[f"group-{g}" for g in gs],
-                                                  shares=table.shares_of((l, e)))
-                       for (l, e), gs in sorted(table.replicas.items())],
-            load=[serving_pb2.ExpertLoad(layer=l, expert=e, tokens=n) for (l, e), n in sorted(load.items())],
-            autoscaler=self._autoscaler_status(), kv=self._kv_status())
-
-    def _kv_status(self) -> serving_pb2.KVCacheStatus:
-        s = self.engine.stats()
-        return serving_pb2.KVCacheStatus(block_size=s.block_size, blocks_total=s.blocks_total,
-                                         blocks_used=s.blocks_used, preemptions=s.preemptions,
-                                         pool_bytes=s.pool_bytes, running=s.running, waiting=s.waiting)
-
-    def _autoscaler_status(self) -> serving_pb2.AutoscalerStatus | None:
-        """What the controller last wrote to Redis; None without Redis or when it is unreachable."""
-        if self.state is None:
-            return None
-        try:
-            s = self.state.autoscaler_status()
-            paused = self.state.paused()
-        except Exception as e:  # Status must answer while Redis is down
-            log.debug("autoscaler status unavailable: %s", e)
-            return None
-        if s is None:
-            return None
-        decision, last = s.get("decision") or {}, s.get("last_rebalance") or {}
-        return serving_pb2.AutoscalerStatus(
-            enabled=bool(s.get("enabled")), paused=paused, imbalance=float(s.get("imbalance") or 0.0),
-            decision=decision.get("action", ""), reason=decision.get("reason", ""),
-            last_rebalance=last.get("result", ""), last_rebalance_error=last.get("error", ""),
-            last_rebalance_version=int(last.get("to_version", 0)), last_rebalance_seconds=float(last.get("seconds", 0.0)),
-            groups=int(s.get("groups", 0)))
+        """From the background snapshots (health.py): answers at once whatever Redis and the groups do."""
+        return build_status(self.spec.family, self.health.groups, self.health.redis if self.state else None,
+                            self.engine.stats())
 
     def serving(self) -> bool:
-        """Every expert has a replica on a group that answers Stats (the health check)."""
-        table = self.experts.latest_table
-        return _every_expert_live(table, _live_groups(table, self.experts.group_stats()))
+        """Every expert has a replica on a group that answers Stats (the health check), as of a fresh snapshot."""
+        return self.health.serving()
 
     def _on_flush(self, counts) -> None:
         self.metrics.on_load(counts)
         self.metrics.placement_version.set(self.experts.table.version)
 
     def close(self):
+        self.health.close()
         if self.reporter is not None:
             self.reporter.close()
         if self.follower is not None:
@@ -166,11 +121,3 @@ class Router:
             self.metrics_server.shutdown()
         self.engine.close()
         self.experts.close()
-
-
-def _live_groups(table: PlacementTable, stats: dict) -> set[int]:
-    return {g for g, a in enumerate(table.groups) if stats.get(a) is not None}
-
-
-def _every_expert_live(table: PlacementTable, live: set[int]) -> bool:
-    return all(live.intersection(gs) for gs in table.replicas.values())

@@ -13,6 +13,7 @@ import torch
 from cluster.checkpoint.reader import parse_dtype
 from cluster.config import config_from_dict
 from cluster.placement.table import PlacementTable
+from experts.wire import MAX_FORWARD_TOKENS
 from router_service.engine.config import EngineConfig
 from router_service.engine.scheduler import SchedulerConfig
 from router_service.serving.auth import TokenAuth
@@ -90,6 +91,9 @@ class RouterConfig:
         if self.served_model_name is not None and not (isinstance(self.served_model_name, str)
                                                        and self.served_model_name.strip()):
             raise ValueError(f"served_model_name must be a non-empty string or None, got {self.served_model_name!r}")
+        if not isinstance(self.max_step_tokens, int) or not 1 <= self.max_step_tokens <= MAX_FORWARD_TOKENS:
+            raise ValueError(f"max_step_tokens must be an int in [1, {MAX_FORWARD_TOKENS}] (the largest Forward an "
+                             f"expert group accepts), got {self.max_step_tokens!r}")
         for name in ("forward_timeout_s", "forward_slow_s", "placement_poll_s", "telemetry_flush_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -6,23 +6,25 @@
 At most one write per flush_s per router, whatever the request rate. When Redis is
 unreachable the batch is dropped (counted in `dropped`, logged once per outage) and
 serving goes on: telemetry must never slow or fail a request. Writing resumes on its
-own when Redis comes back.
+own when Redis comes back. Anything else that fails in a round is logged and counted by
+the Ticker that runs it, and the next round runs anyway (ticker.py).
 """
 from __future__ import annotations
 
 import logging
-import threading
 import uuid
 
 from cluster.state.telemetry import Telemetry
 from router_service.serving.dispatch import RemoteExperts
+from router_service.serving.ticker import Ticker
 
 log = logging.getLogger(__name__)
 
 
 class TelemetryReporter:
     def __init__(self, experts: RemoteExperts, telemetry: Telemetry, flush_s: float = 0.1,
-                 router_id: str | None = None, metrics_address: str | None = None, on_flush=None, on_drop=None):
+                 router_id: str | None = None, metrics_address: str | None = None, on_flush=None, on_drop=None,
+                 on_error=None):
         self.experts, self.telemetry, self.flush_s = experts, telemetry, flush_s
         self.router_id = router_id or f"router-{uuid.uuid4().hex[:8]}"
         self.metrics_address = metrics_address
@@ -31,9 +33,7 @@ class TelemetryReporter:
         self.flushes = 0  # batches written
         self.dropped = 0  # batches lost because Redis was unreachable
         self._failing = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="telemetry", daemon=True)
-        self._thread.start()
+        self.ticker = Ticker("telemetry", flush_s, self.flush, on_error)
 
     def flush(self) -> bool:
         """Write what was routed since the last flush; False when the batch had to be dropped."""
@@ -57,13 +57,8 @@ class TelemetryReporter:
         self.flushes += 1
         return True
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.flush_s):
-            self.flush()
-
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+        self.ticker.close()
         try:
             self.telemetry.forget_router(self.router_id)  # the autoscaler need not wait for us any more
         except Exception:

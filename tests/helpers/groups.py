@@ -13,6 +13,7 @@ from cluster.placement.table import PlacementTable
 from experts.config import ExpertGroupConfig
 from experts.credentials import call_metadata
 from experts.group import serve_group
+from experts.servicer import ExpertServicer
 from router_service.model.dense import DenseModel
 from router_service.model.reference import ReferenceModel
 from router_service.serving.dispatch import RemoteExperts
@@ -26,9 +27,10 @@ class Groups:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        started = [self._run(serve_group(ExpertGroupConfig(str(checkpoint), slots, device=device, dtype=dtype,
-                                                           name=f"g{i}")))
+        configs = [ExpertGroupConfig(str(checkpoint), slots, device=device, dtype=dtype, name=f"g{i}")
                    for i, slots in enumerate(table_slots)]
+        self.servicers = [self._run(ExpertServicer.create(c)) for c in configs]  # for fault injection
+        started = [self._run(serve_group(c, s)) for c, s in zip(configs, self.servicers)]
         self.servers = [s for s, _ in started]
         self.addresses = [a for _, a in started]
 

@@ -19,7 +19,7 @@ from router_service.serving.dispatch import RemoteExperts
 
 @pytest.fixture(scope="module")
 def cluster_env():
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     redis = EmbeddedRedis()
     yield redis
     redis.stop()

@@ -106,8 +106,10 @@ def test_new_placement_is_adopted_at_a_step_boundary(tiny_checkpoint):
         remote.set_table(second)
         remote(last_layer, x, ids, w)  # mid-step: still the old placement
         assert remote.table.version == 1
+        assert set(remote._channels) == set(groups.addresses)  # both open while the old one is in use
         remote(ckpt.spec.sparse_layers[0], x, ids, w)  # next step
         assert remote.table.version == 2
+        assert set(remote._channels) == {groups.addresses[1]}  # the group no placement names: closed
     finally:
         remote.close()
         groups.close()
@@ -189,6 +191,35 @@ def test_the_cuda_path_equals_the_reference(tiny_checkpoint, dtype):
             logits = ReferenceModel(dense, remote)(torch.tensor([prompt], device="cuda"))[0].float().cpu()
             expected = reference(torch.tensor([prompt]))[0]
             assert (logits - expected).abs().max() < 0.1 * expected.abs().max()
+    finally:
+        remote.close()
+        groups.close()
+
+
+def test_a_slow_group_keeps_pairs_whose_other_replica_just_failed(tiny_checkpoint):
+    """Every expert on a dead group and a slow one: the dead group refuses at once, the slow one
+    answers after forward_slow_s. The slow group's pairs have no live replica left, so the router
+    waits for it rather than giving them to the group that just failed (the soak found this: both
+    were marked gone in the same round and the request failed UNAVAILABLE)."""
+    import socket
+
+    ckpt = Checkpoint(tiny_checkpoint)
+    everything = [(l, e) for l in ckpt.spec.sparse_layers for e in range(ckpt.spec.num_experts)]
+    groups = Groups(tiny_checkpoint, [everything])
+    groups.servicers[0].forward_delay_s = 0.3
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once closed
+    replicas = {slot: (0, 1) for slot in everything}
+    table = PlacementTable(1, (dead, groups.addresses[0]), replicas, {slot: (0.5, 0.5) for slot in everything})
+    remote = RemoteExperts(ckpt.spec, table, slow_s=0.1)
+    reference = ReferenceModel.from_pretrained(tiny_checkpoint)
+    try:
+        x = torch.randn(6, ckpt.spec.hidden_size)
+        ids, w = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7], [1, 2], [3, 4]]), torch.full((6, 2), 0.5)
+        layer = ckpt.spec.sparse_layers[0]
+        out = remote(layer, x, ids, w)
+        assert torch.allclose(out, reference.experts(layer, x, ids, w), atol=1e-5)
     finally:
         remote.close()
         groups.close()

@@ -77,19 +77,25 @@ def test_no_or_wrong_secret_is_unauthenticated_and_computes_nothing(tiny_checkpo
                                               timeout=10),
                              stub.Stats(expert_pb2.StatsRequest(), timeout=10, metadata=twice)):
                     assert (await refused(call)).code() == grpc.StatusCode.UNAUTHENTICATED
-            # 64 MiB without the secret: refused before the request is read (the gRPC limit is 256 MiB)
-            big = expert_pb2.ForwardRequest(layer=0, hidden=expert_pb2.Tensor(dtype="float32", shape=[2**18, H],
-                                                                              data=bytes(2**26)))
+            # 2 MiB without the secret: refused before the request is read; past the largest legitimate
+            # Forward of this model (wire.server_options: ~3 MiB for the tiny one), refused by gRPC itself
+            big = expert_pb2.ForwardRequest(layer=0, hidden=expert_pb2.Tensor(dtype="float32", shape=[2**13, H],
+                                                                              data=bytes(2**21)))
+            huge = expert_pb2.ForwardRequest(layer=0, hidden=expert_pb2.Tensor(dtype="float32", shape=[2**16, H],
+                                                                               data=bytes(2**24)))
             async with channel(address, None, GRPC_OPTIONS) as ch:
                 err = await refused(expert_pb2_grpc.ExpertServiceStub(ch).Forward(big, timeout=30))
                 assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+                err = await refused(expert_pb2_grpc.ExpertServiceStub(ch).Forward(huge, timeout=30,
+                                                                                  metadata=call_metadata(right)))
+                assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert servicer._forward_calls == 0 and servicer.slots == [(0, 0)]  # nothing computed, nothing loaded
             reply = await forward(address, None, right)
             assert list(reply.output.shape) == [1, H]
             async with channel(address, None) as ch:
                 stats = await expert_pb2_grpc.ExpertServiceStub(ch).Stats(expert_pb2.StatsRequest(), timeout=10,
                                                                            metadata=call_metadata(right))
-            assert stats.forward_calls == 1 and stats.refused_calls == 6
+            assert stats.forward_calls == 1 and stats.refused_calls == 6  # the huge one never reached the check
 
     asyncio.run(body())
 

@@ -15,6 +15,7 @@ its experts on the survivor and requests succeed again.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -43,12 +44,12 @@ def kill_group(cluster: Cluster, i: int) -> None:
 
 
 
-@pytest.fixture(scope="module")
-def replicated(local_ray, tiny_checkpoint):  # noqa: F811
+@contextlib.contextmanager
+def replicated_cluster(checkpoint):
     """2 groups, every expert on both (room for all: S = E), the autoscaler idle."""
     settings = {**FAST, "spare_slots": 1.0, "enabled": False}
     with EmbeddedRedis() as redis:
-        cluster = Cluster(tiny_checkpoint, redis.url, 2, settings, router={"forward_slow_s": SLOW_S})
+        cluster = Cluster(checkpoint, redis.url, 2, settings, router={"forward_slow_s": SLOW_S})
         try:
             for layer in cluster.spec.sparse_layers:
                 for expert in range(cluster.spec.num_experts):
@@ -59,6 +60,30 @@ def replicated(local_ray, tiny_checkpoint):  # noqa: F811
             yield cluster
         finally:
             cluster.close()
+
+
+@pytest.fixture(scope="module")
+def shared(local_ray, tiny_checkpoint):  # noqa: F811
+    with replicated_cluster(tiny_checkpoint) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def replicated(shared):
+    """The shared cluster brought back to one known state before each test, whatever ran before it
+    (or in which order): no fault injected, every expert on both groups, both serving, the router on
+    the latest placement. A test that changes the cluster for good makes its own (replicated_cluster)."""
+    cluster = shared
+    for i in range(2):
+        ray.get(group(cluster, i).inject_fault.remote(), timeout=30)
+    for (layer, expert), n in cluster.replica_counts().items():
+        if n != 2:
+            ray.get(cluster.controller.scale.remote(layer, expert, 2), timeout=60)
+    assert set(cluster.replica_counts().values()) == {2}
+    wait_for(cluster.router.serving, 60, what="both groups serving")
+    wait_for(lambda: cluster.router.experts.pending_version == cluster.state.placement_version(), 10,
+             what="the router on the latest placement")
+    return cluster
 
 
 def test_slow_group_loses_its_calls_to_the_other_replica(replicated, reference):  # noqa: F811
@@ -74,7 +99,8 @@ def test_slow_group_loses_its_calls_to_the_other_replica(replicated, reference):
         ray.get(group(cluster, 0).inject_fault.remote(), timeout=10)
         traffic.stop()
     assert traffic.failed == 0 and traffic.mismatched == 0, traffic.errors[:5]
-    assert metrics.get_sample_value("elasticmoe_forward_slow_total", {"group": "0"}) >= 1
+    slow = cluster.router.experts.table.groups[0]  # metrics name a group by its address
+    assert metrics.get_sample_value("elasticmoe_forward_slow_total", {"group": slow}) >= 1
     print(f"slow group: {traffic.ok} requests, latency max {max(traffic.latencies_s):.2f} s with {DELAY_S} s "
           f"injected per Forward and forward_slow_s {SLOW_S}")
 
@@ -140,14 +166,14 @@ def test_group_dying_during_load_experts_rolls_back_and_fails_nothing(replicated
     assert cluster.replica_counts()[(layer, expert)] == 1
 
 
-def test_replicated_group_lost_for_good_goes_and_fails_nothing(replicated, reference):  # noqa: F811
+def test_replicated_group_lost_for_good_goes_and_fails_nothing(local_ray, tiny_checkpoint, reference):  # noqa: F811
     """Every expert of the lost group has a replica elsewhere: its address leaves the published
-    placement (v+1 over the survivor) and no request fails."""
-    cluster = replicated
-    for (layer, expert), n in cluster.replica_counts().items():  # an earlier test left one at 1 replica
-        if n == 1:
-            ray.get(cluster.controller.scale.remote(layer, expert, 2), timeout=60)
-    assert set(cluster.replica_counts().values()) == {2}
+    placement (v+1 over the survivor) and no request fails. Its own cluster: it loses a group for good."""
+    with replicated_cluster(tiny_checkpoint) as cluster:
+        lose_a_replicated_group(cluster, reference)
+
+
+def lose_a_replicated_group(cluster, reference) -> None:
     wait_for(cluster.router.serving, 60, what="both groups serving")
     traffic = Traffic(cluster.router, reference, list(range(2, 200)), seed=10)
     try:

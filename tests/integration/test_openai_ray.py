@@ -58,7 +58,7 @@ class Service:
 @pytest.fixture(scope="module")
 def service(tiny_checkpoint):
     limit_client_messages()
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     table = PlacementTable.round_robin(Checkpoint(tiny_checkpoint).spec, ["pending:0", "pending:1"])
     groups = [ExpertGroupActor.remote(ExpertGroupConfig(str(tiny_checkpoint), table.slots_of(g), device="cpu",
                                                         name=f"openai-{g}")) for g in range(2)]

@@ -38,7 +38,7 @@ def ray_session():
     directory (not session_latest: another test run here may have started a newer one)."""
     if ray.is_initialized():  # another module's Ray, without the logging config
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_config=ray.LoggingConfig(log_level="DEBUG"))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_config=ray.LoggingConfig(log_level="DEBUG"))
     from ray._private import worker
 
     yield Path(worker._global_node.get_session_dir_path())

@@ -105,3 +105,55 @@ def test_extreme_sampling_values_never_fail_a_neighbour(tiny_checkpoint, served)
         assert others[0] == greedy  # a subnormal temperature is greedy in effect
     finally:
         r.close()
+
+
+def test_status_and_check_answer_at_once_with_redis_stopped_and_a_group_blackholed(tiny_checkpoint, served):
+    """Status and Check read snapshots refreshed in the background (router_service/serving/health.py):
+    with the router's Redis stopped (SIGSTOP: its socket hangs until the 5 s timeout) and one group
+    accepting connections but never answering, both answer well within a probe's 1 s, and Status
+    says what is unreachable and how old its view is."""
+    import os
+    import signal
+    import socket
+    import time
+
+    from cluster.state.redis_server import EmbeddedRedis
+    from cluster.state.store import ClusterState
+
+    table = PlacementTable.from_json(served)
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(8)  # connections complete, nothing is ever answered
+    address = f"127.0.0.1:{hole.getsockname()[1]}"
+    # a third group holding second replicas of group 0's experts: serving goes on without it
+    replicas = {slot: gs + (2,) if gs == (0,) else gs for slot, gs in table.replicas.items()}
+    shares = {slot: (0.5, 0.5) if len(gs) == 2 else (1.0,) for slot, gs in replicas.items()}
+    placement = PlacementTable(2, table.groups + (address,), replicas, shares).to_json()
+    with EmbeddedRedis() as redis:
+        ClusterState(redis.url).put_autoscaler_status({"enabled": True, "groups": 3})
+        r = router(tiny_checkpoint, placement, redis_url=redis.url)
+        try:
+            deadline = time.monotonic() + 10
+            while r.health.redis.autoscaler is None and time.monotonic() < deadline:  # first refresh done
+                time.sleep(0.05)
+            os.kill(redis.pid, signal.SIGSTOP)
+            try:
+                start = time.monotonic()
+                checks = [r.serving() for _ in range(20)]
+                status = r.status()
+                elapsed = time.monotonic() - start
+                assert elapsed < 1.0, f"20 Checks and a Status took {elapsed:.2f} s"
+                assert all(checks) and status.serving
+                assert f"group-2 {address}" in list(status.unreachable)
+                assert [g.health for g in status.groups] == ["SERVING", "SERVING", "NOT_SERVING"]
+                deadline = time.monotonic() + 15  # the Redis refresh times out (5 s) and says so
+                while not any(u.startswith("redis:") for u in r.status().unreachable) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                status = r.status()
+                assert any(u.startswith("redis:") for u in status.unreachable), list(status.unreachable)
+                assert status.autoscaler.groups == 3  # the last status read, kept
+            finally:
+                os.kill(redis.pid, signal.SIGCONT)
+        finally:
+            r.close()
+            hole.close()

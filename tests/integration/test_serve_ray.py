@@ -28,7 +28,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def service(tiny_checkpoint):
     limit_client_messages()  # as moectl serve does: Serve's proxy, started below, inherits it
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     spec = Checkpoint(tiny_checkpoint).spec
     table = PlacementTable.round_robin(spec, ["pending:0", "pending:1"])
     groups = [ExpertGroupActor.remote(ExpertGroupConfig(str(tiny_checkpoint), table.slots_of(g), device="cpu",

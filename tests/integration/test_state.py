@@ -104,6 +104,24 @@ def test_group_registry(state):
     assert set(state.groups()) == {"g1"}
 
 
+def test_a_malformed_request_costs_no_other_request_its_place(state):
+    """One bad entry in {ns}:autoscaler:requests used to lose every queued `moectl scale` request
+    (the list was deleted, then parsing raised); now each is parsed on its own."""
+    first = state.push_request({"kind": "scale", "layer": 0, "expert": 1, "replicas": 2})
+    state.client.rpush(state.requests_key, "{not json", json_dumps([1, 2]), json_dumps({"kind": "scale"}))
+    last = state.push_request({"kind": "scale", "layer": 1, "expert": 3, "replicas": 1})
+    popped = state.pop_requests()
+    assert [r["id"] for r in popped] == [first, None, None, None, last]
+    assert [r.get("invalid", "")[:10] for r in popped] == ["", "not JSON (", "not a JSON", "no request", ""]
+    assert state.pop_requests() == []
+
+
+def json_dumps(value) -> str:
+    import json
+
+    return json.dumps(value)
+
+
 def test_redact_url_hides_passwords():
     cases = {
         "redis://:s3cret@host:6379/0": "redis://:***@host:6379/0",

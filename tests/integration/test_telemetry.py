@@ -90,3 +90,41 @@ def test_reporter_drops_while_redis_is_down_and_resumes():
     finally:
         state.close()
         redis1.stop()
+
+
+def test_heartbeats_and_buckets_go_by_redis_clock_not_the_hosts(telemetry, monkeypatch):
+    """A router whose host clock is an hour off still counts as heard from, and its load lands in the
+    window the controller reads: every time comes from Redis (TIME), never from time.time() of the
+    host that writes or reads."""
+    monkeypatch.setattr(time, "time", lambda: 1_000_000_000.0 + 3600)  # this "host" is far off
+    telemetry.record_router("skewed", {(1, 2): 3}, version=7)
+    monkeypatch.undo()
+    assert set(telemetry.routers()) == {"skewed"}
+    assert telemetry.expert_load(5.0) == {(1, 2): 3}
+    assert abs(telemetry.server_time() - time.time()) < 60  # Redis runs here: its clock is this one
+
+
+def test_a_reporter_whose_round_raises_keeps_running_and_counts_it(telemetry):
+    """Anything that fails inside a telemetry round (here: counting the load) is logged and counted, and
+    the next round runs: a dead telemetry thread would stop the heartbeats routers are drained by."""
+    class Experts:
+        version_in_use = 3
+
+        def __init__(self):
+            self.calls = 0
+
+        def take_load(self):
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError("boom")
+            return {(0, 1): 1}
+
+    errors = []
+    reporter = TelemetryReporter(Experts(), telemetry, flush_s=0.02, router_id="r", on_error=errors.append)
+    try:
+        deadline = time.time() + 10
+        while reporter.flushes < 2 and time.time() < deadline:
+            time.sleep(0.02)
+        assert errors == ["telemetry"] and reporter.flushes >= 2 and reporter.ticker.alive
+    finally:
+        reporter.close()

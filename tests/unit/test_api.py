@@ -14,7 +14,7 @@ from router_service.engine.engine import Engine, EngineConfig
 from router_service.engine.scheduler import SchedulerConfig
 from router_service.model.reference import ReferenceModel
 from router_service.model.tokenizer import Tokenizer
-from router_service.serving.api import ApiError, MoEApi
+from router_service.serving.api import MAX_STOP_TOKEN_IDS, PROMPT_BYTES_PER_TOKEN, ApiError, MoEApi
 
 
 @pytest.fixture(scope="module")
@@ -191,16 +191,18 @@ def invalid_generate_fields(request: serving_pb2.GenerateRequest, tokenizer, max
         bad |= {"prompt", "token_ids"}
         prompt = []
     elif request.prompt:
+        if len(request.prompt.encode()) > PROMPT_BYTES_PER_TOKEN * CONTEXT:
+            return {"prompt"}  # refused before it is tokenized
         prompt = tokenizer.encode(request.prompt)
     else:
         prompt = list(request.token_ids)
-        if not in_vocab(prompt):
+        if not in_vocab(prompt) or len(prompt) > CONTEXT:
             bad.add("token_ids")
     if not prompt and not bad:
         bad.add("prompt")  # empty
     if len(prompt) >= CONTEXT:
         bad.add("prompt")  # no room to generate
-    if not in_vocab(request.stop_token_ids):
+    if not in_vocab(request.stop_token_ids) or len(request.stop_token_ids) > MAX_STOP_TOKEN_IDS:
         bad.add("stop_token_ids")
     if request.HasField("temperature") and not (math.isfinite(request.temperature) and request.temperature >= 0):
         bad.add("temperature")
@@ -230,7 +232,8 @@ def test_generate_validation_matches_the_reference(api, fields):
         assert e.code == grpc.StatusCode.INVALID_ARGUMENT
         assert bad, f"refused a valid request: {e.message}"
         assert any(field in e.message for field in bad), (e.message, bad)  # names a field it got wrong
-        assert any(word in e.message for word in ("must be", "context holds", "exactly one", "is empty"))
+        assert any(word in e.message for word in ("must be", "context holds", "exactly one", "is empty",
+                                                  "must hold"))
     else:
         assert not bad, f"accepted a request wrong in {bad}"
         assert 1 <= params.max_tokens <= CONTEXT - len(prompt) and all(0 <= t < VOCAB for t in prompt)
@@ -259,3 +262,127 @@ def test_valid_requests_stream_to_a_finish(api, token_ids, max_tokens, temperatu
     assert 1 <= len(tokens) <= max_tokens and all(0 <= t < VOCAB for t in tokens)
     assert responses[-1].finish_reason in ("stop", "length") and not any(r.finish_reason for r in responses[:-1])
     assert all(len(r.logprobs) == len(r.token_ids) and all(lp <= 0 for lp in r.logprobs) for r in responses)
+
+
+# ---- sizes before work, off the event loop, text streamed incrementally, internal errors contained ----
+
+def test_sizes_are_checked_before_anything_is_walked_or_tokenized(api, monkeypatch):
+    api, _ = api
+    calls = []
+    monkeypatch.setattr(api.tokenizer, "encode", lambda text: calls.append(len(text)) or [5])
+    limit = PROMPT_BYTES_PER_TOKEN * CONTEXT
+    with pytest.raises(ApiError, match=f"prompt must be at most {limit} bytes"):
+        api.validate_generate(serving_pb2.GenerateRequest(prompt="é" * (limit // 2 + 1)))  # 2 bytes a character
+    assert calls == []  # never tokenized
+    with pytest.raises(ApiError, match=f"stop_token_ids holds {MAX_STOP_TOKEN_IDS + 1} ids; it must hold at most"):
+        api.validate_generate(serving_pb2.GenerateRequest(token_ids=[5], stop_token_ids=[VOCAB + 7] * (MAX_STOP_TOKEN_IDS + 1)))
+    with pytest.raises(ApiError, match=f"token_ids has {CONTEXT + 1} tokens; the context holds {CONTEXT}"):
+        api.validate_score(serving_pb2.ScoreRequest(token_ids=[VOCAB + 1] * (CONTEXT + 1)))  # counted, not walked
+
+
+def test_text_is_tokenized_off_the_event_loop(api, monkeypatch):
+    import threading
+
+    api, _ = api
+    threads = []
+    encode = api.tokenizer.encode
+    monkeypatch.setattr(api.tokenizer, "encode", lambda text: threads.append(threading.current_thread()) or encode(text))
+
+    async def main():
+        loop_thread = threading.current_thread()
+        out = [r async for r in api.generate(serving_pb2.GenerateRequest(prompt="Mixture", max_tokens=2))]
+        return loop_thread, out
+
+    loop_thread, out = asyncio.run(main())
+    assert threads and all(t is not loop_thread for t in threads) and out
+
+
+def test_streamed_text_is_incremental_and_equals_the_whole_decode(api):
+    api, _ = api
+    stream = api.tokenizer.stream()
+    ids = api.tokenizer.encode("héllo wörld — ok 😀 done")
+    pieces = [stream.add([i]) for i in ids]
+    assert "".join(pieces) == api.tokenizer.decode(ids)
+    assert "" in pieces  # a multi-byte character waits for the token that completes it
+
+
+def test_an_internal_failure_is_internal_with_no_detail_and_fails_no_neighbour(api, monkeypatch):
+    api, ref = api
+    real_append = api.engine._append
+
+    def append(seq, token, logprob):  # one request's postprocessing breaks on the engine thread
+        if seq.prompt == [9, 9, 9]:
+            raise RuntimeError("secret internal detail")
+        real_append(seq, token, logprob)
+
+    monkeypatch.setattr(api.engine, "_append", append)
+
+    async def main():
+        async def one(ids):
+            try:
+                return [t for r in [r async for r in api.generate(serving_pb2.GenerateRequest(
+                    token_ids=ids, max_tokens=6))] for t in r.token_ids]
+            except ApiError as e:
+                return e
+
+        return await asyncio.gather(one([9, 9, 9]), one([5, 6, 7]))
+
+    broken, fine = asyncio.run(main())
+    assert isinstance(broken, ApiError) and broken.code == grpc.StatusCode.INTERNAL
+    assert "secret" not in broken.message and "incident" in broken.message
+    assert fine == ref.generate_greedy([5, 6, 7], 6)[:len(fine)] and fine
+
+
+F32 = st.sampled_from([0.0, -0.0, 1e-45, 1.4e-45, 1.17e-38, 1e-30, 0.5, 1.0, 1.0000001, 2.0, 1e30, 3.4e38,
+                       float("nan"), float("inf"), float("-inf"), -1e-45, -1.0])
+EXTREMES = st.fixed_dictionaries({}, optional={
+    "temperature": F32, "top_p": F32,
+    "top_k": st.sampled_from([0, 1, 2, 2**31 - 1, -1, -2**31]),
+    "seed": st.sampled_from([0, 1, 2**63, 2**64 - 1]),
+    "max_tokens": st.sampled_from([1, 2, 3, 0, -1, 2**31 - 1, -2**31]),
+})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(extremes=st.lists(EXTREMES, min_size=1, max_size=4))
+def test_numeric_extremes_sample_or_are_refused_and_never_fail_a_neighbour(api, extremes):
+    """Every numeric field at its extremes (subnormal, huge, -0.0, NaN, infinities, int bounds),
+    through validation and the real engine, several at once beside a greedy stream: each is refused
+    INVALID_ARGUMENT naming its field or samples to a finish; the greedy stream equals the reference."""
+    api, ref = api
+    prompt = [5, 17, 42]
+
+    async def main():
+        async def one(fields):
+            try:
+                out = [r async for r in api.generate(serving_pb2.GenerateRequest(token_ids=prompt, **fields))]
+                return [t for r in out for t in r.token_ids], out[-1].finish_reason
+            except ApiError as e:
+                return e
+
+        return await asyncio.gather(one({"max_tokens": 4}), *(one(f) for f in extremes))
+
+    greedy, *others = asyncio.run(main())
+    assert not isinstance(greedy, ApiError) and greedy[0] == ref.generate_greedy(prompt, 4)[:len(greedy[0])]
+    for fields, result in zip(extremes, others):
+        if isinstance(result, ApiError):
+            assert result.code == grpc.StatusCode.INVALID_ARGUMENT, (fields, result.message)
+            assert any(name in result.message for name in fields), (fields, result.message)
+        else:
+            tokens, reason = result
+            assert reason in ("stop", "length") and all(0 <= t < VOCAB for t in tokens), (fields, result)
+
+
+def test_the_largest_legal_request_fits_the_message_cap_and_little_more(api):
+    """moectl serve caps client messages at max_request_bytes(spec): every request validation accepts
+    fits under it, and it is far below the 16 MiB general cap for a model of this context."""
+    from router_service.serving.api import max_request_bytes
+
+    api, _ = api
+    cap = max_request_bytes(api.spec)
+    largest_text = serving_pb2.GenerateRequest(prompt="a" * (PROMPT_BYTES_PER_TOKEN * CONTEXT), max_tokens=1,
+                                               stop_token_ids=[VOCAB - 1] * MAX_STOP_TOKEN_IDS, temperature=1.0,
+                                               top_p=0.5, top_k=2**31 - 1, seed=2**64 - 1, logprobs=True)
+    largest_ids = serving_pb2.GenerateRequest(token_ids=[2**31 - 1] * CONTEXT, stop_token_ids=[2**31 - 1] * MAX_STOP_TOKEN_IDS,
+                                              max_tokens=2**31 - 1, temperature=1.0, top_p=0.5, seed=2**64 - 1)
+    assert max(largest_text.ByteSize(), largest_ids.ByteSize()) <= cap < 16 * 2**20

@@ -1,11 +1,10 @@
 """The placement planner (cluster/placement/planner.py): hard rules on random and adversarial loads
 (hypothesis), balance on Zipf loads, never worse than the EPLB greedy baseline (written here
 from its description, as the slow obvious reference), migration awareness, input errors and
-speed. Pure numpy: no cluster, no clock but perf_counter for the speed test."""
+scale. Pure numpy: no cluster, no clock (speed is measured by moectl simulate, not asserted here)."""
 from __future__ import annotations
 
 import heapq
-import time
 
 import numpy as np
 import pytest
@@ -349,26 +348,14 @@ def test_bad_current_and_config_are_clear_errors():
             PlannerConfig(**{field: value})
 
 
-def test_deepseek_scale_plan_is_fast():
-    """58 layers x 256 experts on 64 groups x 5 slots (DeepSeek-V3's shape), Zipf loads.
-    Medians measured on the 2-core dev machine (shared, noisy): ~40 ms from scratch (target
-    200 ms); with current ~65 ms for unchanged loads, ~250 ms after a 10% drift, ~0.6 s from
-    round robin, ~0.9 s for a new skew (the grow step is Python per layer). The bounds here
-    are loose on purpose: timing targets belong to benchmarks, not to a shared CI box."""
+def test_deepseek_scale_plan_reaches_target_and_keeps_it_under_drift():
+    """58 layers x 256 experts on 64 groups x 5 slots (DeepSeek-V3's shape), Zipf loads. How fast is
+    measured where timing belongs, not on a shared CI box: `moectl simulate` prints the planner's
+    wall time per call at these sizes (README: ~40 ms from scratch, ~250 ms after a 10% drift)."""
     rng = np.random.default_rng(0)
     loads = zipf(rng, 58, 256)
     drift = loads * rng.uniform(0.9, 1.1, loads.shape)
-    plan(loads[:2], 64, 5)  # warm-up
-
-    def median_s(fn) -> float:
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return sorted(times)[1]
-
     p = plan(loads, 64, 5)
-    assert median_s(lambda: plan(loads, 64, 5)) < 2.0
-    assert median_s(lambda: plan(drift, 64, 5, current=p)) < 4.0
+    again = plan(drift, 64, 5, current=p)
+    assert again.layer_imbalance(drift).max() <= TARGET + 0.05
     assert p.layer_imbalance(loads).max() <= TARGET

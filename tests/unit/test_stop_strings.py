@@ -1,12 +1,10 @@
-"""Streamed text: DecodeStream releases exactly the text of the tokens; StopStrings cuts it where the
-slow, obvious rescan of everything received cuts it, and never emits a piece of a stop string."""
+"""Stop strings over streamed text: StopStrings cuts it where the slow, obvious rescan of everything
+received cuts it, and never emits a piece of a stop string."""
 from __future__ import annotations
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router_service.model.tokenizer import DecodeStream, Tokenizer
 from router_service.serving.stop_strings import StopStrings
 
 ALPHABET = "abAB é€\n"  # 1, 2 and 3 UTF-8 bytes: byte-level tokens split characters
@@ -55,26 +53,3 @@ def test_a_stop_split_across_pieces_is_held_back_then_dropped():
     assert matcher.add("more", final=True) == ""
     released = StopStrings(("END",))
     assert released.add("xEN") == "x" and released.add("", final=True) == "EN"  # the output ended: no stop
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_checkpoint):
-    return Tokenizer.from_dir(tiny_checkpoint)
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.data(), st.text(ALPHABET + "The quick fox", max_size=30), st.lists(st.integers(2, 319), max_size=12))
-def test_decode_stream_releases_the_text_of_the_tokens(tokenizer, data, prompt_text, random_ids):
-    """Released pieces join to decode(all new ids), whether the tokens are words or raw bytes that split
-    characters (random ids), and no piece ends in half a character unless the output does."""
-    prompt = tokenizer.encode(prompt_text)
-    ids = tokenizer.encode(data.draw(st.text(ALPHABET, max_size=20))) + random_ids
-    stream = DecodeStream(tokenizer, prompt)
-    out, start = [], 0
-    for end in sorted(data.draw(st.sets(st.integers(1, max(1, len(ids))), max_size=6)) | {len(ids)}):
-        piece = stream.add(ids[start:end])
-        assert not piece.endswith("\ufffd") or "\ufffd" in tokenizer.decode(ids[:end])
-        out.append(piece)
-        start = end
-    out.append(stream.flush())
-    assert "".join(out) == tokenizer.decode(ids)

@@ -1,0 +1,76 @@
+"""An in-process cluster for the benchmarks that need the real thing: a private redis-server, a local
+Ray of our own, the controller actor with its expert groups, and one router in this process.
+
+    with LocalCluster(checkpoint, num_groups, autoscaler={...}, router={...}) as c:
+        c.router.api / c.router.engine / c.controller / c.state
+        c.restart_redis()     # stopped and started again on its port, empty (a fault drill)
+
+Everything it started is stopped on exit (the controller kills its groups, Ray shuts down, the
+Redis process is ended by pid).
+"""
+from __future__ import annotations
+
+import time
+
+
+class LocalCluster:
+    def __init__(self, checkpoint, num_groups: int = 2, autoscaler: dict | None = None, router: dict | None = None,
+                 group_threads: int | None = None, namespace: str = "bench", name: str | None = None):
+        self.checkpoint, self.num_groups, self.namespace = str(checkpoint), num_groups, namespace
+        self.autoscaler, self.router_settings, self.group_threads = autoscaler or {}, router or {}, group_threads
+        self.name = name or f"bench-{int(time.time())}"
+        self.redis = self.controller = self.router = self.state = None
+
+    def __enter__(self) -> "LocalCluster":
+        import ray
+
+        from cluster.checkpoint.reader import Checkpoint
+        from cluster.control.controller import ControllerActor, ControllerConfig
+        from cluster.state.redis_server import EmbeddedRedis
+        from cluster.state.store import ClusterState
+        from router_service.serving.router import Router
+        from router_service.serving.router_config import RouterConfig
+
+        self.spec = Checkpoint(self.checkpoint).spec
+        self.redis = EmbeddedRedis()
+        try:
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, namespace="elasticmoe-bench")
+            self.state = ClusterState(self.redis.url, self.namespace)
+            config = ControllerConfig(checkpoint=self.checkpoint, num_groups=self.num_groups, redis_url=self.redis.url,
+                                      redis_namespace=self.namespace, group_device="cpu", name=self.name,
+                                      autoscaler={"metrics_port": None, **self.autoscaler},
+                                      group_cpu_threads=self.group_threads)
+            self.controller = ControllerActor.options(name=self.name).remote(config)
+            ray.get(self.controller.start.remote(), timeout=600)
+            self.router = Router(RouterConfig(checkpoint=self.checkpoint, placement=self.state.load_placement().to_json(),
+                                              redis_url=self.redis.url, redis_namespace=self.namespace,
+                                              metrics_port=None, **self.router_settings),
+                                 ray.get(self.controller.expert_credentials.remote(), timeout=60))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def restart_redis(self) -> None:
+        from cluster.state.redis_server import EmbeddedRedis
+
+        port = self.redis.port
+        self.redis.stop()
+        self.redis = EmbeddedRedis(port=port)  # back, empty: the controller publishes the placement again
+
+    def __exit__(self, *exc) -> None:
+        import ray
+
+        try:
+            if self.router is not None:
+                self.router.close()
+            if self.controller is not None:
+                try:
+                    ray.get(self.controller.shutdown.remote(), timeout=60)
+                finally:
+                    ray.kill(self.controller)
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
+            if self.redis is not None:
+                self.redis.stop()

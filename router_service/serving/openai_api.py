@@ -79,7 +79,8 @@ def build_openai_app(api: MoEApi, template: ChatTemplate | None, auth: TokenAuth
                 raise from_api_error(e) from None
 
     async def read_json(request: Request):
-        """The body as JSON, read no further than max_body_bytes (the gRPC ingress's message limit)."""
+        """The body as JSON, read no further than max_body_bytes; the fields' own bounds (prompt bytes, ids)
+        are the gRPC path's, checked in parse."""
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_body_bytes:
             raise OpenAIError(413, f"request body of {declared} bytes is over the limit of {max_body_bytes}",
@@ -97,7 +98,7 @@ def build_openai_app(api: MoEApi, template: ChatTemplate | None, auth: TokenAuth
             raise OpenAIError(400, f"request body is not valid JSON: {e}") from None
 
     @app.get("/health")
-    def health():  # sync: Serve runs it on a thread (it asks each group for Stats)
+    def health():  # serving() reads the background snapshot (health.py): it never waits on a group
         if serving():
             return {"status": "ok"}
         return error_response(OpenAIError(503, "not serving: some expert has no live replica",
@@ -126,9 +127,11 @@ def build_openai_app(api: MoEApi, template: ChatTemplate | None, auth: TokenAuth
         choices = Choices(api.engine, api.tokenizer, plan)
         try:
             await choices.start()
-        except BaseException as e:
+        except BaseException as e:  # a refusal (429, 400, 503) or the client gone: nothing may keep running
             await choices.close()
-            raise as_openai_error(e) if isinstance(e, Exception) else e from None
+            if isinstance(e, Exception):
+                raise as_openai_error(e) from None
+            raise
         out = Responses(plan, model, placement_version(), api.tokenizer, choices.prompt_logprobs)
         if plan.stream:
             return StreamingResponse(events(choices, out), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -73,6 +73,8 @@ class Plan:
 
 def check_model(body: dict, served: str) -> None:
     model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad_request("model", f"model must be a string, got {model!r}")
     if model is not None and model != served:
         raise OpenAIError(404, f"the model {model!r} does not exist: this server serves {served!r} (GET /v1/models)",
                           param="model", code="model_not_found")

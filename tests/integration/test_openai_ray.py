@@ -220,6 +220,12 @@ def test_errors_have_openai_shape_and_status(service):
                                        ("GET", "/v1/nothing", None, 404), ("GET", "/v1/completions", None, 405)):
         reply = service.raw(method, path, body).getresponse()
         assert reply.status == status and set(json.loads(reply.read())["error"]) == {"message", "type", "param", "code"}
+    conn = http.client.HTTPConnection("127.0.0.1", service.http_port, timeout=60)
+    conn.putrequest("POST", "/v1/completions")  # announces 16 MiB + 1 and sends none of it: refused unread
+    conn.putheader("content-length", str(2**24 + 1))
+    conn.endheaders()
+    reply = conn.getresponse()
+    assert reply.status == 413 and json.loads(reply.read())["error"]["code"] == "request_too_large"
 
 
 JUNK = st.one_of(st.none(), st.booleans(), st.integers(-3, 5), st.floats(allow_nan=True), st.text(max_size=5),

@@ -146,3 +146,6 @@ def test_unknown_model_is_404_and_a_missing_one_is_the_served_one():
     with pytest.raises(OpenAIError) as info:
         check_model({"model": "gpt-4o"}, "demo")
     assert (info.value.status, info.value.code, info.value.param) == (404, "model_not_found", "model")
+    with pytest.raises(OpenAIError) as info:
+        check_model({"model": ["demo"]}, "demo")
+    assert (info.value.status, info.value.param) == (400, "model")

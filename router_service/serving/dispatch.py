@@ -28,17 +28,20 @@ the loop that made them).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import threading
 import time
 
 import grpc
 import torch
-from elasticmoe.v1 import expert_pb2, expert_pb2_grpc
+from elasticmoe.v1 import expert_pb2
 
 from cluster.checkpoint.spec import ModelSpec
 from cluster.placement.table import PlacementTable
-from experts.credentials import ExpertCredentials, call_metadata, channel
-from experts.wire import GRPC_OPTIONS, decode, encode, to_device, to_host
+from experts.credentials import ExpertCredentials
+from experts.wire import decode, encode, to_device, to_host
+from router_service.serving.channels import GroupChannels
 from router_service.serving.routes import Routes, avoid, choose_groups, compile_routes, first_replica
 
 DOWN_S = 2.0  # after a failed Forward, a group gets no traffic for this long when another replica exists
@@ -61,31 +64,29 @@ class RemoteExperts:
                  credentials: ExpertCredentials | None = None, slow_s: float = 2.0, on_stale=None):
         table.validate(spec)
         self.spec, self.timeout_s, self.slow_s = spec, timeout_s, slow_s
-        self._metadata = call_metadata(credentials)  # the cluster secret, on every call
-        self._credentials = credentials
         self.on_forward = on_forward  # (group address, seconds, "ok" | "failed" | "slow") after every Forward: metrics
         self.on_stale = on_stale  # a group says our placement is stale (FAILED_PRECONDITION): refresh it
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="expert-dispatch", daemon=True)
         self._thread.start()
-        self._stubs: dict[str, expert_pb2_grpc.ExpertServiceStub] = {}
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._groups = GroupChannels(credentials)  # used on self._loop only
         self._layer_index = {layer: i for i, layer in enumerate(spec.sparse_layers)}
         self._load = torch.zeros(len(spec.sparse_layers), spec.num_experts, dtype=torch.int64)
         self._load_lock = threading.Lock()
         self._step_version: int | None = None  # the placement of the step in flight; None between steps
+        self._step_depth = 0  # step() contexts open (the engine thread's)
         self._down: dict[str, float] = {}  # address -> until when it is avoided after a failed Forward
         self.set_table(table)
 
     def set_table(self, table: PlacementTable) -> None:
         """Switch to a new placement at the next step boundary (any thread may call this).
 
-        The new routes are adopted when a step reaches its first MoE layer, so the layers
-        of one step never mix two placements; the old replicas stay loaded until drained.
+        The new routes are adopted when the next step() begins, so the layers of one step
+        never mix two placements; the old replicas stay loaded until drained.
         """
         table.validate(self.spec)
         routes = compile_routes(self.spec, table)
-        self._run(self._connect(table.groups))
+        self._run(self._groups.connect(table.groups))
         self._pending = routes
         if not hasattr(self, "_routes"):
             self._routes = self._pending
@@ -120,47 +121,51 @@ class RemoteExperts:
         nonzero = load.nonzero().tolist()
         return {(self.spec.sparse_layers[i], e): int(load[i, e]) for i, e in nonzero}
 
-    async def _connect(self, addresses) -> None:
-        for address in addresses:
-            if address not in self._channels:
-                self._channels[address] = channel(address, self._credentials, GRPC_OPTIONS)
-                self._stubs[address] = expert_pb2_grpc.ExpertServiceStub(self._channels[address])
-
     async def _close_unused(self) -> None:
-        """Close the channels of groups neither the placement in use nor the next one names (removed or
-        restarted on a new port): one channel per group that ever existed would otherwise pile up."""
-        keep = set(self._routes.table.groups) | set(self._pending.table.groups)
-        for address in [a for a in self._channels if a not in keep]:
-            self._stubs.pop(address)
-            await self._channels.pop(address).close()
+        """Channels to groups neither the placement in use nor the next one names are closed."""
+        for address in await self._groups.close_unused(set(self._routes.table.groups) | set(self._pending.table.groups)):
             self._down.pop(address, None)
 
     def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [T, H], ids [T, k], weights [T, k] -> sum of weighted expert outputs [T, H] (on x's device).
-
-        On a GPU the three go to the host once (pinned), every group's part is cut from there,
-        and the combined output goes back up once: routing tables and payloads live on the host."""
-        device = x.device
-        x, ids, weights = to_host(x), to_host(ids), to_host(weights)
-        if layer == self.spec.sparse_layers[0]:
+    @contextlib.contextmanager
+    def step(self):
+        """One engine step: the placement handed over last is adopted here, and every MoE layer of
+        every micro-batch of the step uses it (re-entrant: a step inside a step is the same step).
+        Explicit, not inferred from the layer: two micro-batches in flight interleave their layers."""
+        self._step_depth += 1
+        if self._step_depth == 1:
             if self._routes is not self._pending:  # a step boundary with a new placement
                 self._routes = self._pending
                 self._run(self._close_unused())
             self._step_version = self._routes.table.version
+        try:
+            yield
+        finally:
+            self._step_depth -= 1
+            if self._step_depth == 0:
+                self._step_version = None  # between steps: version_in_use is the pending one
+
+    def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> "ExpertResult":
+        """Send one MoE layer's tokens to the groups and return at once; .result() waits for the
+        combined output [T, H] (on x's device). Call inside step().
+
+        On a GPU the three go to the host once (pinned), every group's part is cut from there,
+        and the combined output goes back up once: routing tables and payloads live on the host."""
+        assert self._step_depth > 0, "RemoteExperts.submit outside step()"
+        device = x.device
+        x, ids, weights = to_host(x), to_host(ids), to_host(weights)
         routed = torch.bincount(ids.flatten(), minlength=self.spec.num_experts)
         with self._load_lock:
             self._load[self._layer_index[layer]] += routed
-        try:
-            out = self._run(self._forward(self._routes, layer, x, ids, weights))
-        except BaseException:
-            self._step_version = None  # the step is over: the engine fails its sequences
-            raise
-        if layer == self.spec.sparse_layers[-1]:
-            self._step_version = None
-        return to_device(out, device)
+        future = asyncio.run_coroutine_threadsafe(self._forward(self._routes, layer, x, ids, weights), self._loop)
+        return ExpertResult(future, device)
+
+    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H], ids [T, k], weights [T, k] -> sum of weighted expert outputs [T, H]: submit and wait."""
+        with self.step():
+            return self.submit(layer, x, ids, weights).result()
 
     async def _forward(self, routes: Routes, layer, x, ids, weights) -> torch.Tensor:
         pending = choose_groups(routes, layer, ids)  # [T, k] group of each pair; -1 = done
@@ -257,7 +262,8 @@ class RemoteExperts:
     async def _call(self, group: int, address: str, request, timeout_s: float) -> torch.Tensor:
         start = time.perf_counter()
         try:
-            response = await self._stubs[address].Forward(request, timeout=timeout_s, metadata=self._metadata)
+            response = await self._groups.stubs[address].Forward(request, timeout=timeout_s,
+                                                                 metadata=self._groups.metadata)
         except grpc.aio.AioRpcError as e:
             self._observe(group, time.perf_counter() - start, "failed")
             raise DispatchError(address, e.code(), e.details()) from None
@@ -271,25 +277,22 @@ class RemoteExperts:
 
     def group_stats(self, timeout_s: float = 1.0) -> dict[str, expert_pb2.StatsResponse | None]:
         """Stats of every group in the latest placement; None for a group that did not answer in time."""
-        addresses = list(self.latest_table.groups)
-
-        async def ask(address):
-            try:
-                return await self._stubs[address].Stats(expert_pb2.StatsRequest(), timeout=timeout_s,
-                                                        metadata=self._metadata)
-            except grpc.aio.AioRpcError:
-                return None
-
-        async def ask_all():
-            return await asyncio.gather(*(ask(a) for a in addresses))
-
-        return dict(zip(addresses, self._run(ask_all())))
+        return self._run(self._groups.stats(list(self.latest_table.groups), timeout_s))
 
     def close(self) -> None:
-        async def _close():
-            for ch in self._channels.values():
-                await ch.close()
-
-        self._run(_close())
+        self._run(self._groups.close())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+
+
+class ExpertResult:
+    """A layer's expert output on its way back: .result() waits for it, on the caller's device."""
+
+    def __init__(self, future: concurrent.futures.Future, device: torch.device):
+        self._future, self._device = future, device
+
+    def result(self) -> torch.Tensor:
+        return to_device(self._future.result(), self._device)
+
+    def cancel(self) -> None:
+        self._future.cancel()

@@ -44,6 +44,7 @@ class RouterConfig:
     kv_cache_bytes: int | None = None
     kv_cache_fraction: float = 0.5
     kv_block_size: int = 16
+    micro_batches: int = 1  # 2: two micro-batches in flight, hiding the expert hop (engine/pipeline.py)
     max_running: int = 64
     max_step_tokens: int = 512
     prefill_chunk: int = 256
@@ -96,4 +97,5 @@ class RouterConfig:
     def engine_config(self) -> EngineConfig:
         return EngineConfig(SchedulerConfig(self.max_running, self.max_step_tokens, self.prefill_chunk, self.max_queue),
                             max_new_tokens=self.max_new_tokens, kv_cache_bytes=self.kv_cache_bytes,
-                            kv_cache_fraction=self.kv_cache_fraction, block_size=self.kv_block_size)
+                            kv_cache_fraction=self.kv_cache_fraction, block_size=self.kv_block_size,
+                            micro_batches=self.micro_batches)

@@ -19,11 +19,9 @@ router waits for it, up to the deadline: slow beats failed.
 Which group serves each pair (shares, retries on other replicas, avoiding down groups) is
 policy in routes.py; this file does the transport: the fan-out, deadlines and failures.
 
-Every call also counts the (token, expert) pairs routed per expert (`take_load()`),
-which the router's telemetry reporter flushes to Redis for the autoscaler.
-The dense model calls this synchronously; the gRPC calls run on one asyncio loop in
-a background thread that owns the persistent channels (grpc.aio objects belong to
-the loop that made them).
+Every call counts the pairs routed per expert (`take_load()`, flushed to Redis by the telemetry
+reporter). The engine submits a layer and waits on its result, inside step(); the gRPC calls run
+on one asyncio loop in a background thread that owns the channels (channels.py).
 """
 from __future__ import annotations
 
@@ -199,11 +197,15 @@ class RemoteExperts:
                 # that just refused its own would leave them no replica (found by the soak).
                 slow = {parts[t][0]: DispatchError(routes.table.groups[parts[t][0]], grpc.StatusCode.DEADLINE_EXCEEDED,
                                                    f"no answer within forward_slow_s={self.slow_s} s") for t in waiting}
+                # Nor does a group that is down (it failed within DOWN_S): its pairs came here because of it.
                 just_failed = {parts[t][0]: t.exception() for t in done if t.exception() is not None}
+                now = time.monotonic()
+                down = {g: None for g, a in enumerate(routes.table.groups) if self._down.get(a, 0) > now}
                 keep = set()
                 for task in waiting:
                     g, rows, mine = parts[task]
-                    moved = self._alternative(routes, layer, ids, mine, {**failed, **just_failed, **slow}, strict=False)
+                    gone = {**down, **failed, **just_failed, **slow}
+                    moved = self._alternative(routes, layer, ids, mine, gone, strict=False)
                     if moved is None:
                         keep.add(task)
                         continue

@@ -28,6 +28,9 @@ class ExpertGroupConfig:
     dtype: str | None = None  # None = bfloat16 on cuda, float32 on cpu
     backend: str = "auto"  # expert kernel: "auto" = triton on cuda, torch on cpu
     host: str = "127.0.0.1"  # bind address; "0.0.0.0" to serve routers on other nodes
+    # Same-layer Forwards queued together run as one kernel call (experts/coalescer.py); with a window a
+    # call waits this long for others first (0: never waits, merges only what queued while busy).
+    coalesce_window_s: float = 0.0
     port: int = 0  # 0 = a free port, chosen on every start
     name: str = "group"  # shows in logs and error messages
     cpu_threads: int | None = None  # torch threads for expert math on CPU; None = torch's default (all cores)
@@ -36,6 +39,9 @@ class ExpertGroupConfig:
     credentials: ExpertCredentials | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.coalesce_window_s, bool) or not isinstance(self.coalesce_window_s, (int, float)) \
+                or not 0 <= self.coalesce_window_s <= 0.1:
+            raise ValueError(f"coalesce_window_s must be a number of seconds in [0, 0.1], got {self.coalesce_window_s!r}")
         if not isinstance(self.checkpoint, str) or not self.checkpoint:
             raise ValueError(f"checkpoint must be a non-empty path string, got {self.checkpoint!r}")
         self.slots = [self._slot(s) for s in self.slots]

@@ -6,14 +6,14 @@ layer, S_l = slots this group holds of layer l.
   ForwardRequest(layer, hidden [t, H], expert_ids [t, k], weights [t, k])
     -> decode and check             bad tensor / shape / dtype -> INVALID_ARGUMENT
     -> expert id -> local slot      an expert not held here    -> FAILED_PRECONDITION
-    -> moe_forward in a worker thread (the event loop keeps serving other calls)
+    -> the coalescer: moe_forward in a worker thread, same-layer calls queued together in one
     -> ForwardResponse(output [t, H])
 
 What the group holds is one immutable snapshot, layer -> LayerExperts. Load and
 Unload build a new snapshot and swap it in with one assignment; a Forward reads
 self._held once, so it sees the slots from before a swap or after it, never a mix.
-Dropped weights are freed when the last Forward that read the old snapshot ends.
-The expert math lives in experts.kernels.forward; this file only maps, checks and counts.
+Dropped weights are freed when the last Forward that read the old snapshot ends. The math
+is experts.kernels.forward's; this file maps, checks and counts.
 """
 from __future__ import annotations
 
@@ -31,13 +31,14 @@ import torch
 from elasticmoe.v1 import expert_pb2, expert_pb2_grpc
 
 from cluster.checkpoint.reader import Checkpoint, CheckpointError
+from experts.coalescer import Coalescer
 from experts.config import ExpertGroupConfig
 from experts.credentials import SecretCheck
 from experts.kernels import packed
 from experts.kernels.forward import moe_forward, resolve_backend
 from experts.kernels.packed import PackedExperts
 from experts.kernels.weights import ExpertWeights
-from experts.wire import NAME_OF, WireError, decode, encode, to_device
+from experts.wire import NAME_OF, WireError, decode, encode, to_device, to_host
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         # must not stall serving). One thread: loads run one at a time anyway (_swap_lock).
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="expert-load", initializer=_lower_priority)
         self.secret_check: SecretCheck | None = None  # set by serve_group when the port needs the cluster secret
+        # same-layer Forwards queued together run as one kernel call (coalescer.py)
+        self.coalescer = Coalescer(self._compute, config.coalesce_window_s)
         # Fault injection for drills and tests (ExpertGroup.inject_fault): added latency, never a wrong answer.
         self.forward_delay_s = 0.0
         self.load_delay_s = 0.0
@@ -231,14 +234,16 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
 
         if self.forward_delay_s:
             await asyncio.sleep(self.forward_delay_s)
-        output, counts, busy_s = await asyncio.to_thread(self._compute, layer, hidden, slot_ids, weights)
-        if layer is not None:
+        if layer is None:  # nothing of this layer here and every id is -1: a zero contribution
+            output = torch.zeros_like(hidden)
+        else:
+            output = await self.coalescer.run((request.layer, layer), hidden, slot_ids, weights)
+            counts = torch.bincount(slot_ids[slot_ids >= 0], minlength=len(layer.experts)).tolist()
             for expert, n in zip(layer.experts, counts):
                 if n:
                     self._tokens[(request.layer, expert)] += n
-        self._busy_s += busy_s
         self._forward_calls += 1
-        return expert_pb2.ForwardResponse(output=output)
+        return expert_pb2.ForwardResponse(output=encode(output))
 
     def _check(self, layer: int, hidden, expert_ids, weights) -> str | None:
         """What is wrong with a decoded request, naming the field; None when it is well formed."""
@@ -262,19 +267,18 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             return f"expert_ids must be in [-1, {E - 1}], got values in [{expert_ids.min()}, {expert_ids.max()}]"
         return None
 
-    def _compute(self, layer: LayerExperts | None, hidden, slot_ids, weights):
-        """Runs in a worker thread: (output message, tokens per local slot, seconds)."""
+    def _compute(self, key, hidden, slot_ids, weights) -> torch.Tensor:
+        """One kernel call, in the coalescer's worker thread, over every request it merged: output on
+        the host [t, H]. Copying it back waits for the device, so busy_s is the real compute time."""
         start = time.perf_counter()
-        if layer is None:  # nothing of this layer here and every id is -1: a zero contribution
-            out, counts = torch.zeros_like(hidden), []
-        else:
-            # through pinned memory, non-blocking: the three copies queue behind each other on the stream
-            out = moe_forward(to_device(hidden, self.device), to_device(slot_ids, self.device),
-                              to_device(weights, self.device), layer.weights, self.config.backend,
-                              check_range=False)  # [t, H]: _check did it
-            counts = torch.bincount(slot_ids[slot_ids >= 0], minlength=len(layer.experts)).tolist()
-        message = encode(out)  # copies to host, which waits for the device: busy_s is real compute time
-        return message, counts, time.perf_counter() - start
+        _, layer = key
+        # through pinned memory, non-blocking: the three copies queue behind each other on the stream
+        out = moe_forward(to_device(hidden, self.device), to_device(slot_ids, self.device),
+                          to_device(weights, self.device), layer.weights, self.config.backend,
+                          check_range=False)  # [t, H]: _check did it
+        out = to_host(out)
+        self._busy_s += time.perf_counter() - start
+        return out
 
     # ---- Load / Unload / Stats ------------------------------------------------------
 

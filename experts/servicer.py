@@ -24,7 +24,6 @@ import threading
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import grpc
 import torch
@@ -34,49 +33,12 @@ from cluster.checkpoint.reader import Checkpoint, CheckpointError
 from experts.coalescer import Coalescer
 from experts.config import ExpertGroupConfig
 from experts.credentials import SecretCheck
+from experts.held import LayerExperts, Slot, Triple, held_bytes, held_slots, stack_layer
 from experts.kernels import packed
 from experts.kernels.forward import moe_forward, resolve_backend
-from experts.kernels.packed import PackedExperts
-from experts.kernels.weights import ExpertWeights
 from experts.wire import NAME_OF, WireError, decode, encode, to_device, to_host
 
 log = logging.getLogger(__name__)
-
-Slot = tuple[int, int]  # (layer, expert)
-Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gate [F, H], up [F, H], down [H, F]
-
-
-@dataclass(frozen=True)
-class LayerExperts:
-    """The experts of one layer held here, stacked for the kernel."""
-
-    experts: tuple[int, ...]  # local slot -> expert id, ascending
-    weights: ExpertWeights | PackedExperts  # [S_l, ...] on the group's device; packed on CPU fp32
-    slot_of: torch.Tensor  # [E] int64 on cpu: expert id -> local slot, -1 = not held
-
-    def per_expert(self) -> dict[int, Triple]:
-        """One triple per expert (views into a dense stack, or the packed matrices): the input to a rebuild."""
-        return {e: self.weights.slot(i) for i, e in enumerate(self.experts)}
-
-
-def stack_layer(per_expert: dict[int, Triple], num_experts: int, packed: bool = False) -> LayerExperts:
-    """packed: oneDNN's layout (experts/kernels/packed.py), each matrix packed once and shared by
-    reference between snapshots; else dense stacks, copied: no view of the old stack survives."""
-    experts = tuple(sorted(per_expert))
-    triples = [per_expert[e] for e in experts]
-    weights = PackedExperts.stack(triples) if packed else ExpertWeights.stack(triples)
-    slot_of = torch.full((num_experts,), -1, dtype=torch.int64)
-    slot_of[list(experts)] = torch.arange(len(experts))
-    return LayerExperts(experts, weights, slot_of)
-
-
-def held_slots(held: dict[int, LayerExperts]) -> list[Slot]:
-    return sorted((layer, e) for layer, le in held.items() for e in le.experts)
-
-
-def held_bytes(held: dict[int, LayerExperts]) -> int:
-    return sum(le.weights.nbytes for le in held.values())
-
 
 def slot_messages(slots) -> list[expert_pb2.Slot]:
     return [expert_pb2.Slot(layer=layer, expert=expert) for layer, expert in slots]

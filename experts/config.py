@@ -34,6 +34,9 @@ class ExpertGroupConfig:
     port: int = 0  # 0 = a free port, chosen on every start
     name: str = "group"  # shows in logs and error messages
     cpu_threads: int | None = None  # torch threads for expert math on CPU; None = torch's default (all cores)
+    # CPU cores the group's process may run on (os.sched_setaffinity); None = any. A group pinned to its own
+    # core with one thread stands for a group that owns its GPU (moectl bench skew).
+    cpu_affinity: list[int] | None = None
     # The cluster secret every caller must present, and optional mutual TLS (experts/credentials.py).
     # None: the port is open to anyone who reaches it (tests, one machine); the controller always sets it.
     credentials: ExpertCredentials | None = field(default=None, repr=False)
@@ -60,6 +63,9 @@ class ExpertGroupConfig:
             raise ValueError(f"port must be an int in [0, 65535] (0 = pick a free port), got {self.port!r}")
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name must be a non-empty string, got {self.name!r}")
+        if self.cpu_affinity is not None and (not isinstance(self.cpu_affinity, (list, tuple)) or not self.cpu_affinity
+                                              or not all(isinstance(c, int) and c >= 0 for c in self.cpu_affinity)):
+            raise ValueError(f"cpu_affinity must be None or a non-empty list of core ids, got {self.cpu_affinity!r}")
         if self.cpu_threads is not None and (not isinstance(self.cpu_threads, int) or isinstance(self.cpu_threads, bool)
                                              or self.cpu_threads < 1):
             raise ValueError(f"cpu_threads must be None (torch's default) or an int >= 1, got {self.cpu_threads!r}")

@@ -1,4 +1,5 @@
-"""The router's persistent gRPC channels to the expert groups, one per group address.
+"""The router's persistent gRPC channels to the expert groups, one per group address, and what the
+router has seen of each group's health: its last failed and last answered Forward.
 
 All of it runs on dispatch's own asyncio loop (grpc.aio objects belong to the loop that made
 them): channels are opened when a placement names a new group, and closed once neither the
@@ -8,12 +9,15 @@ so they do not pile up over a cluster's life.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 from elasticmoe.v1 import expert_pb2, expert_pb2_grpc
 
 from experts.credentials import ExpertCredentials, call_metadata, channel
 from experts.wire import GRPC_OPTIONS
+
+DOWN_S = 2.0  # after a failed Forward, a group gets no traffic for this long when another replica exists
 
 
 class GroupChannels:
@@ -22,6 +26,23 @@ class GroupChannels:
         self.metadata = call_metadata(credentials)  # the cluster secret, on every call
         self.stubs: dict[str, expert_pb2_grpc.ExpertServiceStub] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._failed_at: dict[str, float] = {}  # address -> its last failed Forward (monotonic)
+        self._ok_at: dict[str, float] = {}  # address -> its last answered Forward
+
+    def failed(self, address: str) -> None:
+        self._failed_at[address] = time.monotonic()
+
+    def answered(self, address: str) -> None:
+        self._ok_at[address] = time.monotonic()
+
+    def down(self, address: str) -> bool:
+        """Failed within DOWN_S: its pairs go to another replica where there is one."""
+        return self._failed_at.get(address, float("-inf")) + DOWN_S > time.monotonic()
+
+    def unproven(self, address: str) -> bool:
+        """Has not answered since it last failed (down, or back from a restart still under way): it may
+        not take a slow group's pairs, since slow beats failed."""
+        return self._failed_at.get(address, -1.0) >= self._ok_at.get(address, 0.0)
 
     @property
     def addresses(self) -> set[str]:
@@ -38,6 +59,8 @@ class GroupChannels:
         gone = [a for a in self._channels if a not in keep]
         for address in gone:
             self.stubs.pop(address)
+            self._failed_at.pop(address, None)
+            self._ok_at.pop(address, None)
             await self._channels.pop(address).close()
         return gone
 

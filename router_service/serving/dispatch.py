@@ -10,7 +10,7 @@ T = tokens in the step, k = experts per token, H = hidden, E = experts per layer
 
 A group whose Forward fails (dead, or missing an expert after a placement change) is
 retried on another replica of each of its experts within the same deadline, and avoided
-for DOWN_S seconds; an expert with no live replica fails the layer with UNAVAILABLE
+for DOWN_S seconds (channels.py); an expert with no live replica fails the layer with UNAVAILABLE
 naming the (layer, expert) pairs. A group that has not answered after slow_s
 (RouterConfig.forward_slow_s) is treated the same way when every pair it was sent has a
 replica elsewhere: its call is cancelled and the pairs move. Without another replica the
@@ -42,7 +42,6 @@ from experts.wire import decode, encode, to_device, to_host
 from router_service.serving.channels import GroupChannels
 from router_service.serving.routes import Routes, avoid, choose_groups, compile_routes, first_replica
 
-DOWN_S = 2.0  # after a failed Forward, a group gets no traffic for this long when another replica exists
 # Failures another replica would repeat (a bad or oversized request, the router lacking the cluster secret, an
 # API the group does not have): fail the layer at once instead of marking groups down one after another.
 PERMANENT = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
@@ -73,7 +72,6 @@ class RemoteExperts:
         self._load_lock = threading.Lock()
         self._step_version: int | None = None  # the placement of the step in flight; None between steps
         self._step_depth = 0  # step() contexts open (the engine thread's)
-        self._down: dict[str, float] = {}  # address -> until when it is avoided after a failed Forward
         self.set_table(table)
 
     def set_table(self, table: PlacementTable) -> None:
@@ -121,8 +119,7 @@ class RemoteExperts:
 
     async def _close_unused(self) -> None:
         """Channels to groups neither the placement in use nor the next one names are closed."""
-        for address in await self._groups.close_unused(set(self._routes.table.groups) | set(self._pending.table.groups)):
-            self._down.pop(address, None)
+        await self._groups.close_unused(set(self._routes.table.groups) | set(self._pending.table.groups))
 
     def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -169,9 +166,8 @@ class RemoteExperts:
         pending = choose_groups(routes, layer, ids)  # [T, k] group of each pair; -1 = done
         # a group that failed in the last DOWN_S seconds gets no pairs that have another replica,
         # so one dead group does not cost every step a failed call
-        now = time.monotonic()
         pending = avoid(routes, layer, ids, pending,
-                        [g for g, a in enumerate(routes.table.groups) if self._down.get(a, 0) > now])
+                        [g for g, a in enumerate(routes.table.groups) if self._groups.down(a)])
         out = torch.zeros_like(x)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
@@ -197,10 +193,11 @@ class RemoteExperts:
                 # that just refused its own would leave them no replica (found by the soak).
                 slow = {parts[t][0]: DispatchError(routes.table.groups[parts[t][0]], grpc.StatusCode.DEADLINE_EXCEEDED,
                                                    f"no answer within forward_slow_s={self.slow_s} s") for t in waiting}
-                # Nor does a group that is down (it failed within DOWN_S): its pairs came here because of it.
+                # Nor does a group that has not answered since its last failure (down, or back from a
+                # restart that may still be under way): slow beats failed, so only a group known to
+                # answer may take a slow group's pairs.
                 just_failed = {parts[t][0]: t.exception() for t in done if t.exception() is not None}
-                now = time.monotonic()
-                down = {g: None for g, a in enumerate(routes.table.groups) if self._down.get(a, 0) > now}
+                down = {g: None for g, a in enumerate(routes.table.groups) if self._groups.unproven(a)}
                 keep = set()
                 for task in waiting:
                     g, rows, mine = parts[task]
@@ -211,7 +208,7 @@ class RemoteExperts:
                         continue
                     task.cancel()
                     failed[g] = slow[g]
-                    self._mark_down(routes.table.groups[g])
+                    self._groups.failed(routes.table.groups[g])
                     self._observe(g, self.slow_s, "slow")
                     retry[mine] = moved[mine]
                 if keep:
@@ -226,7 +223,7 @@ class RemoteExperts:
                 if error is not None:
                     # the group is gone or out of date: its pairs go to another replica
                     failed[g] = error
-                    self._mark_down(routes.table.groups[g])
+                    self._groups.failed(routes.table.groups[g])
                     if error.code == grpc.StatusCode.FAILED_PRECONDITION and self.on_stale is not None:
                         self.on_stale()  # our placement is older than the group's slots: fetch the new one
             for task, error in errors.items():
@@ -258,9 +255,6 @@ class RemoteExperts:
                                 f" ({why})")
         return choice
 
-    def _mark_down(self, address: str) -> None:
-        self._down[address] = time.monotonic() + DOWN_S
-
     async def _call(self, group: int, address: str, request, timeout_s: float) -> torch.Tensor:
         start = time.perf_counter()
         try:
@@ -270,6 +264,7 @@ class RemoteExperts:
             self._observe(group, time.perf_counter() - start, "failed")
             raise DispatchError(address, e.code(), e.details()) from None
         self._observe(group, time.perf_counter() - start, "ok")
+        self._groups.answered(address)
         return decode(response.output, "output")
 
     def _observe(self, group: int, seconds: float, outcome: str) -> None:

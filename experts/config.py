@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cluster.config import config_from_dict
-from experts.credentials import CredentialsError, ExpertCredentials
+from experts.credentials import CredentialsError, ExpertCredentials, GroupCredentials
 from experts.kernels.forward import BACKENDS
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -37,9 +37,10 @@ class ExpertGroupConfig:
     # CPU cores the group's process may run on (os.sched_setaffinity); None = any. A group pinned to its own
     # core with one thread stands for a group that owns its GPU (moectl bench skew).
     cpu_affinity: list[int] | None = None
-    # The cluster secret every caller must present, and optional mutual TLS (experts/credentials.py).
+    # What callers must present, and optional mutual TLS (experts/credentials.py). The cluster's credentials are
+    # cut to the group's share (digests) here, in the process that builds the config: no secret reaches a group.
     # None: the port is open to anyone who reaches it (tests, one machine); the controller always sets it.
-    credentials: ExpertCredentials | None = field(default=None, repr=False)
+    credentials: GroupCredentials | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.coalesce_window_s, bool) or not isinstance(self.coalesce_window_s, (int, float)) \
@@ -69,8 +70,10 @@ class ExpertGroupConfig:
         if self.cpu_threads is not None and (not isinstance(self.cpu_threads, int) or isinstance(self.cpu_threads, bool)
                                              or self.cpu_threads < 1):
             raise ValueError(f"cpu_threads must be None (torch's default) or an int >= 1, got {self.cpu_threads!r}")
-        if self.credentials is not None and not isinstance(self.credentials, ExpertCredentials):
-            raise CredentialsError("credentials must be None or ExpertCredentials")
+        if isinstance(self.credentials, ExpertCredentials):
+            self.credentials = self.credentials.for_group()
+        if self.credentials is not None and not isinstance(self.credentials, GroupCredentials):
+            raise CredentialsError("credentials must be None, ExpertCredentials or GroupCredentials")
 
     @staticmethod
     def _slot(slot) -> tuple[int, int]:

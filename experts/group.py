@@ -2,7 +2,8 @@
 
   controller --ray--> ExpertGroupActor.options(num_gpus=1, max_restarts=N).remote(config)
   controller --ray--> start() -> "host:port"      loads config.slots, opens the server
-  routers ---gRPC---> host:port  Forward / LoadExperts / UnloadExperts / Stats
+  routers ---gRPC---> host:port  Forward / Stats
+  controller -gRPC--> host:port  LoadExperts / UnloadExperts / Stats
 
 Router traffic bypasses Ray: a grpc.aio server in the actor answers in about 0.37 ms
 against about 1.1 ms for a Ray actor call (DESIGN.md). The server lives on the async
@@ -55,7 +56,7 @@ async def serve_group(config: ExpertGroupConfig, servicer: ExpertServicer | None
     if creds is None:
         log.warning("group %s: no cluster secret configured: its expert API is open to anyone who reaches %s",
                     config.name, config.host)
-    servicer.secret_check = SecretCheck(creds.secret) if creds else None
+    servicer.secret_check = SecretCheck(creds) if creds else None
     spec = servicer.spec
     server = grpc.aio.server(options=server_options(spec.hidden_size, spec.top_k),
                              maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,

@@ -9,15 +9,16 @@ layer, S_l = slots this group holds of layer l.
     -> the coalescer: moe_forward in a worker thread, same-layer calls queued together in one
     -> ForwardResponse(output [t, H])
 
-What the group holds is one immutable snapshot, layer -> LayerExperts. Load and
-Unload build a new snapshot and swap it in with one assignment; a Forward reads
-self._held once, so it sees the slots from before a swap or after it, never a mix.
-Dropped weights are freed when the last Forward that read the old snapshot ends. The math
-is experts.kernels.forward's; this file maps, checks and counts.
+What the group holds is one immutable snapshot, layer -> LayerExperts. Load and Unload build a new
+snapshot and swap it in with one assignment; a Forward reads self._held once, so it sees the slots
+from before a swap or after it, never a mix. Dropped weights are freed when the last Forward that
+read the old snapshot ends. The expert math lives in experts.kernels.forward; this file only maps,
+checks and counts. Who may call what is checked before any handler runs (experts/credentials.py).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -46,10 +47,8 @@ def slot_messages(slots) -> list[expert_pb2.Slot]:
 
 def _lower_priority(niceness: int = 10) -> None:
     """Lower the calling thread's CPU priority (Linux schedules threads by their own nice value)."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not Linux, or not allowed: loads compete as equals
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
-    except (OSError, AttributeError):  # not Linux, or not allowed: loads simply compete as equals
-        pass
 
 
 class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
@@ -67,20 +66,16 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         self._held: dict[int, LayerExperts] = {}  # replaced whole, never mutated (see module doc)
         self._swap_lock = asyncio.Lock()  # one Load/Unload at a time, so none builds on a stale snapshot
         self._tokens: Counter[Slot] = Counter()  # (token, expert) pairs served, cumulative
-        self._busy_s = 0.0
-        self._forward_calls = 0
-        self._in_flight = 0
-        self._loads_in_flight = 0
+        self._busy_s, self._forward_calls, self._in_flight, self._loads_in_flight = 0.0, 0, 0, 0
         # Loads and unloads read files and copy stacks while Forwards are served: on their own
         # thread at a lower CPU priority, so on a shared CPU serving wins (DESIGN: a rebalance
         # must not stall serving). One thread: loads run one at a time anyway (_swap_lock).
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="expert-load", initializer=_lower_priority)
-        self.secret_check: SecretCheck | None = None  # set by serve_group when the port needs the cluster secret
+        self.secret_check: SecretCheck | None = None  # set by serve_group when the port needs a secret
         # same-layer Forwards queued together run as one kernel call (coalescer.py)
         self.coalescer = Coalescer(self._compute, config.coalesce_window_s)
         # Fault injection for drills and tests (ExpertGroup.inject_fault): added latency, never a wrong answer.
-        self.forward_delay_s = 0.0
-        self.load_delay_s = 0.0
+        self.forward_delay_s, self.load_delay_s = 0.0, 0.0
 
     @classmethod
     async def create(cls, config: ExpertGroupConfig) -> "ExpertServicer":
@@ -102,8 +97,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         """Load the slots not yet held; all or nothing. Raises CheckpointError on a bad slot."""
         async with self._swap_lock:
             held = self._held
-            have = set(held_slots(held))
-            new = sorted({(int(layer), int(expert)) for layer, expert in slots} - have)
+            new = sorted({(int(layer), int(expert)) for layer, expert in slots} - set(held_slots(held)))
             if new:
                 start, before = time.monotonic(), held_bytes(held)
                 self._loads_in_flight += 1
@@ -153,11 +147,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         for layer in {layer for layer, _ in drop}:
             gone = {e for l, e in drop if l == layer}
             keep = {e: w for e, w in held[layer].per_expert().items() if e not in gone}
-            if keep:
-                out[layer] = stack_layer(keep, self.spec.num_experts, self.packed)
-            else:
-                del out[layer]
-        return out
+            out[layer] = stack_layer(keep, self.spec.num_experts, self.packed) if keep else None
+        return {layer: le for layer, le in out.items() if le is not None}
 
     # ---- Forward --------------------------------------------------------------------
 
@@ -244,15 +235,23 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
 
     # ---- Load / Unload / Stats ------------------------------------------------------
 
+    async def _requested(self, request, context) -> list[Slot]:
+        # More entries than the model has (layer, expert) pairs: refused before the list is walked
+        limit = len(self.spec.sparse_layers) * self.spec.num_experts
+        if len(request.slots) > limit:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"slots has {len(request.slots)} entries; at "
+                                f"most {limit} (one per (layer, expert) of this model)")
+        return [(s.layer, s.expert) for s in request.slots]
+
     async def LoadExperts(self, request, context):
         try:
-            held = await self.load([(s.layer, s.expert) for s in request.slots])
+            held = await self.load(await self._requested(request, context))
         except CheckpointError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return expert_pb2.LoadExpertsResponse(slots=slot_messages(held_slots(held)), loaded_bytes=held_bytes(held))
 
     async def UnloadExperts(self, request, context):
-        held = await self.unload([(s.layer, s.expert) for s in request.slots])
+        held = await self.unload(await self._requested(request, context))
         return expert_pb2.UnloadExpertsResponse(slots=slot_messages(held_slots(held)), loaded_bytes=held_bytes(held))
 
     async def Stats(self, request, context):

@@ -14,16 +14,16 @@ import time
 import grpc
 from elasticmoe.v1 import expert_pb2, expert_pb2_grpc
 
-from experts.credentials import ExpertCredentials, call_metadata, channel
+from experts.credentials import ExpertCredentials, RouterCredentials, call_metadata, channel
 from experts.wire import GRPC_OPTIONS
 
 DOWN_S = 2.0  # after a failed Forward, a group gets no traffic for this long when another replica exists
 
 
 class GroupChannels:
-    def __init__(self, credentials: ExpertCredentials | None):
+    def __init__(self, credentials: ExpertCredentials | RouterCredentials | None):
         self._credentials = credentials
-        self.metadata = call_metadata(credentials)  # the cluster secret, on every call
+        self.metadata = call_metadata(credentials)  # the data-plane secret, on every call
         self.stubs: dict[str, expert_pb2_grpc.ExpertServiceStub] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._failed_at: dict[str, float] = {}  # address -> its last failed Forward (monotonic)

@@ -38,7 +38,8 @@ def service(tiny_checkpoint):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
                 grpc_options={"port": port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS})
-    serve.run(build_app({"checkpoint": str(tiny_checkpoint), "placement": table.to_json()}), name="moe")
+    serve.run(build_app({"checkpoint": str(tiny_checkpoint), "placement": table.to_json(),
+                         "allow_unauthenticated": True}), name="moe")
     try:
         yield f"127.0.0.1:{port}", groups
     finally:

@@ -6,76 +6,40 @@ layer, S_l = slots this group holds of layer l.
   ForwardRequest(layer, hidden [t, H], expert_ids [t, k], weights [t, k])
     -> decode and check             bad tensor / shape / dtype -> INVALID_ARGUMENT
     -> expert id -> local slot      an expert not held here    -> FAILED_PRECONDITION
-    -> moe_forward in a worker thread (the event loop keeps serving other calls)
+    -> the coalescer: moe_forward in a worker thread, same-layer calls queued together in one
     -> ForwardResponse(output [t, H])
 
-What the group holds is one immutable snapshot, layer -> LayerExperts. Load and
-Unload build a new snapshot and swap it in with one assignment; a Forward reads
-self._held once, so it sees the slots from before a swap or after it, never a mix.
-Dropped weights are freed when the last Forward that read the old snapshot ends.
-The expert math lives in experts.kernels.forward; this file only maps, checks and counts.
+What the group holds is one immutable snapshot, layer -> LayerExperts. Load and Unload build a new
+snapshot and swap it in with one assignment; a Forward reads self._held once, so it sees the slots
+from before a swap or after it, never a mix. Dropped weights are freed when the last Forward that
+read the old snapshot ends. The expert math lives in experts.kernels.forward; this file only maps,
+checks and counts. Who may call what is checked before any handler runs (experts/credentials.py).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import grpc
 import torch
 from elasticmoe.v1 import expert_pb2, expert_pb2_grpc
 
 from cluster.checkpoint.reader import Checkpoint, CheckpointError
+from experts.coalescer import Coalescer
 from experts.config import ExpertGroupConfig
 from experts.credentials import SecretCheck
+from experts.held import LayerExperts, Slot, Triple, held_bytes, held_slots, stack_layer
 from experts.kernels import packed
 from experts.kernels.forward import moe_forward, resolve_backend
-from experts.kernels.packed import PackedExperts
-from experts.kernels.weights import ExpertWeights
-from experts.wire import NAME_OF, WireError, decode, encode, to_device
+from experts.wire import NAME_OF, WireError, decode, encode, to_device, to_host
 
 log = logging.getLogger(__name__)
-
-Slot = tuple[int, int]  # (layer, expert)
-Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gate [F, H], up [F, H], down [H, F]
-
-
-@dataclass(frozen=True)
-class LayerExperts:
-    """The experts of one layer held here, stacked for the kernel."""
-
-    experts: tuple[int, ...]  # local slot -> expert id, ascending
-    weights: ExpertWeights | PackedExperts  # [S_l, ...] on the group's device; packed on CPU fp32
-    slot_of: torch.Tensor  # [E] int64 on cpu: expert id -> local slot, -1 = not held
-
-    def per_expert(self) -> dict[int, Triple]:
-        """One triple per expert (views into a dense stack, or the packed matrices): the input to a rebuild."""
-        return {e: self.weights.slot(i) for i, e in enumerate(self.experts)}
-
-
-def stack_layer(per_expert: dict[int, Triple], num_experts: int, packed: bool = False) -> LayerExperts:
-    """packed: oneDNN's layout (experts/kernels/packed.py), each matrix packed once and shared by
-    reference between snapshots; else dense stacks, copied: no view of the old stack survives."""
-    experts = tuple(sorted(per_expert))
-    triples = [per_expert[e] for e in experts]
-    weights = PackedExperts.stack(triples) if packed else ExpertWeights.stack(triples)
-    slot_of = torch.full((num_experts,), -1, dtype=torch.int64)
-    slot_of[list(experts)] = torch.arange(len(experts))
-    return LayerExperts(experts, weights, slot_of)
-
-
-def held_slots(held: dict[int, LayerExperts]) -> list[Slot]:
-    return sorted((layer, e) for layer, le in held.items() for e in le.experts)
-
-
-def held_bytes(held: dict[int, LayerExperts]) -> int:
-    return sum(le.weights.nbytes for le in held.values())
-
 
 def slot_messages(slots) -> list[expert_pb2.Slot]:
     return [expert_pb2.Slot(layer=layer, expert=expert) for layer, expert in slots]
@@ -83,10 +47,8 @@ def slot_messages(slots) -> list[expert_pb2.Slot]:
 
 def _lower_priority(niceness: int = 10) -> None:
     """Lower the calling thread's CPU priority (Linux schedules threads by their own nice value)."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not Linux, or not allowed: loads compete as equals
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
-    except (OSError, AttributeError):  # not Linux, or not allowed: loads simply compete as equals
-        pass
 
 
 class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
@@ -104,18 +66,16 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         self._held: dict[int, LayerExperts] = {}  # replaced whole, never mutated (see module doc)
         self._swap_lock = asyncio.Lock()  # one Load/Unload at a time, so none builds on a stale snapshot
         self._tokens: Counter[Slot] = Counter()  # (token, expert) pairs served, cumulative
-        self._busy_s = 0.0
-        self._forward_calls = 0
-        self._in_flight = 0
-        self._loads_in_flight = 0
+        self._busy_s, self._forward_calls, self._in_flight, self._loads_in_flight = 0.0, 0, 0, 0
         # Loads and unloads read files and copy stacks while Forwards are served: on their own
         # thread at a lower CPU priority, so on a shared CPU serving wins (DESIGN: a rebalance
         # must not stall serving). One thread: loads run one at a time anyway (_swap_lock).
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="expert-load", initializer=_lower_priority)
-        self.secret_check: SecretCheck | None = None  # set by serve_group when the port needs the cluster secret
+        self.secret_check: SecretCheck | None = None  # set by serve_group when the port needs a secret
+        # same-layer Forwards queued together run as one kernel call (coalescer.py)
+        self.coalescer = Coalescer(self._compute, config.coalesce_window_s)
         # Fault injection for drills and tests (ExpertGroup.inject_fault): added latency, never a wrong answer.
-        self.forward_delay_s = 0.0
-        self.load_delay_s = 0.0
+        self.forward_delay_s, self.load_delay_s = 0.0, 0.0
 
     @classmethod
     async def create(cls, config: ExpertGroupConfig) -> "ExpertServicer":
@@ -137,8 +97,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         """Load the slots not yet held; all or nothing. Raises CheckpointError on a bad slot."""
         async with self._swap_lock:
             held = self._held
-            have = set(held_slots(held))
-            new = sorted({(int(layer), int(expert)) for layer, expert in slots} - have)
+            new = sorted({(int(layer), int(expert)) for layer, expert in slots} - set(held_slots(held)))
             if new:
                 start, before = time.monotonic(), held_bytes(held)
                 self._loads_in_flight += 1
@@ -188,11 +147,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         for layer in {layer for layer, _ in drop}:
             gone = {e for l, e in drop if l == layer}
             keep = {e: w for e, w in held[layer].per_expert().items() if e not in gone}
-            if keep:
-                out[layer] = stack_layer(keep, self.spec.num_experts, self.packed)
-            else:
-                del out[layer]
-        return out
+            out[layer] = stack_layer(keep, self.spec.num_experts, self.packed) if keep else None
+        return {layer: le for layer, le in out.items() if le is not None}
 
     # ---- Forward --------------------------------------------------------------------
 
@@ -231,14 +187,16 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
 
         if self.forward_delay_s:
             await asyncio.sleep(self.forward_delay_s)
-        output, counts, busy_s = await asyncio.to_thread(self._compute, layer, hidden, slot_ids, weights)
-        if layer is not None:
+        if layer is None:  # nothing of this layer here and every id is -1: a zero contribution
+            output = torch.zeros_like(hidden)
+        else:
+            output = await self.coalescer.run((request.layer, layer), hidden, slot_ids, weights)
+            counts = torch.bincount(slot_ids[slot_ids >= 0], minlength=len(layer.experts)).tolist()
             for expert, n in zip(layer.experts, counts):
                 if n:
                     self._tokens[(request.layer, expert)] += n
-        self._busy_s += busy_s
         self._forward_calls += 1
-        return expert_pb2.ForwardResponse(output=output)
+        return expert_pb2.ForwardResponse(output=encode(output))
 
     def _check(self, layer: int, hidden, expert_ids, weights) -> str | None:
         """What is wrong with a decoded request, naming the field; None when it is well formed."""
@@ -262,31 +220,38 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             return f"expert_ids must be in [-1, {E - 1}], got values in [{expert_ids.min()}, {expert_ids.max()}]"
         return None
 
-    def _compute(self, layer: LayerExperts | None, hidden, slot_ids, weights):
-        """Runs in a worker thread: (output message, tokens per local slot, seconds)."""
+    def _compute(self, key, hidden, slot_ids, weights) -> torch.Tensor:
+        """One kernel call, in the coalescer's worker thread, over every request it merged: output on
+        the host [t, H]. Copying it back waits for the device, so busy_s is the real compute time."""
         start = time.perf_counter()
-        if layer is None:  # nothing of this layer here and every id is -1: a zero contribution
-            out, counts = torch.zeros_like(hidden), []
-        else:
-            # through pinned memory, non-blocking: the three copies queue behind each other on the stream
-            out = moe_forward(to_device(hidden, self.device), to_device(slot_ids, self.device),
-                              to_device(weights, self.device), layer.weights, self.config.backend,
-                              check_range=False)  # [t, H]: _check did it
-            counts = torch.bincount(slot_ids[slot_ids >= 0], minlength=len(layer.experts)).tolist()
-        message = encode(out)  # copies to host, which waits for the device: busy_s is real compute time
-        return message, counts, time.perf_counter() - start
+        _, layer = key
+        # through pinned memory, non-blocking: the three copies queue behind each other on the stream
+        out = moe_forward(to_device(hidden, self.device), to_device(slot_ids, self.device),
+                          to_device(weights, self.device), layer.weights, self.config.backend,
+                          check_range=False)  # [t, H]: _check did it
+        out = to_host(out)
+        self._busy_s += time.perf_counter() - start
+        return out
 
     # ---- Load / Unload / Stats ------------------------------------------------------
 
+    async def _requested(self, request, context) -> list[Slot]:
+        # More entries than the model has (layer, expert) pairs: refused before the list is walked
+        limit = len(self.spec.sparse_layers) * self.spec.num_experts
+        if len(request.slots) > limit:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"slots has {len(request.slots)} entries; at "
+                                f"most {limit} (one per (layer, expert) of this model)")
+        return [(s.layer, s.expert) for s in request.slots]
+
     async def LoadExperts(self, request, context):
         try:
-            held = await self.load([(s.layer, s.expert) for s in request.slots])
+            held = await self.load(await self._requested(request, context))
         except CheckpointError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return expert_pb2.LoadExpertsResponse(slots=slot_messages(held_slots(held)), loaded_bytes=held_bytes(held))
 
     async def UnloadExperts(self, request, context):
-        held = await self.unload([(s.layer, s.expert) for s in request.slots])
+        held = await self.unload(await self._requested(request, context))
         return expert_pb2.UnloadExpertsResponse(slots=slot_messages(held_slots(held)), loaded_bytes=held_bytes(held))
 
     async def Stats(self, request, context):

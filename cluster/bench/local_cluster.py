@@ -10,16 +10,19 @@ Redis process is ended by pid).
 """
 from __future__ import annotations
 
+import secrets
 import time
 
 
 class LocalCluster:
     def __init__(self, checkpoint, num_groups: int = 2, autoscaler: dict | None = None, router: dict | None = None,
-                 group_threads: int | None = None, namespace: str = "bench", name: str | None = None):
+                 group_threads: int | None = None, namespace: str = "bench", name: str | None = None,
+                 pin_groups: bool = False):
         self.checkpoint, self.num_groups, self.namespace = str(checkpoint), num_groups, namespace
         self.autoscaler, self.router_settings, self.group_threads = autoscaler or {}, router or {}, group_threads
-        self.name = name or f"bench-{int(time.time())}"
+        self.name, self.pin_groups = name or f"bench-{int(time.time())}", pin_groups
         self.redis = self.controller = self.router = self.state = None
+        self._redis_password = secrets.token_urlsafe(24)
 
     def __enter__(self) -> "LocalCluster":
         import ray
@@ -32,20 +35,21 @@ class LocalCluster:
         from router_service.serving.router_config import RouterConfig
 
         self.spec = Checkpoint(self.checkpoint).spec
-        self.redis = EmbeddedRedis()
+        self.redis = EmbeddedRedis(password=self._redis_password)  # like moectl serve's: not open to local users
         try:
             ray.init(address="local", include_dashboard=False, log_to_driver=False, namespace="elasticmoe-bench")
             self.state = ClusterState(self.redis.url, self.namespace)
             config = ControllerConfig(checkpoint=self.checkpoint, num_groups=self.num_groups, redis_url=self.redis.url,
                                       redis_namespace=self.namespace, group_device="cpu", name=self.name,
                                       autoscaler={"metrics_port": None, **self.autoscaler},
-                                      group_cpu_threads=self.group_threads)
+                                      group_cpu_threads=self.group_threads, pin_groups=self.pin_groups)
             self.controller = ControllerActor.options(name=self.name).remote(config)
             ray.get(self.controller.start.remote(), timeout=600)
-            self.router = Router(RouterConfig(checkpoint=self.checkpoint, placement=self.state.load_placement().to_json(),
+            placement = ray.get(self.controller.placement.remote(), timeout=60)  # from the controller, not Redis
+            self.router = Router(RouterConfig(checkpoint=self.checkpoint, placement=placement,
                                               redis_url=self.redis.url, redis_namespace=self.namespace,
                                               metrics_port=None, **self.router_settings),
-                                 ray.get(self.controller.expert_credentials.remote(), timeout=60))
+                                 ray.get(self.controller.router_credentials.remote(), timeout=60))
         except BaseException:
             self.__exit__()
             raise
@@ -56,7 +60,8 @@ class LocalCluster:
 
         port = self.redis.port
         self.redis.stop()
-        self.redis = EmbeddedRedis(port=port)  # back, empty: the controller publishes the placement again
+        # back on its port with its password, empty: the controller publishes the placement again
+        self.redis = EmbeddedRedis(port=port, password=self._redis_password)
 
     def __exit__(self, *exc) -> None:
         import ray

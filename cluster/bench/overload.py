@@ -155,7 +155,9 @@ def local_service(checkpoint: str, groups: int, router: dict, num_cpus: int | No
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": http_port or free_port()},
                     grpc_options={"port": port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS})
-        serve.run(build_app({"metrics_port": None, **router, "checkpoint": str(checkpoint),
+        token_keys = ("api_token_sha256", "api_tokens_file", "api_tokens_env")
+        unauthenticated = {} if any(k in router for k in token_keys) else {"allow_unauthenticated": True}  # loopback
+        serve.run(build_app({"metrics_port": None, **unauthenticated, **router, "checkpoint": str(checkpoint),
                              "placement": table.to_json()}), name="moe")
         yield f"127.0.0.1:{port}"
     finally:

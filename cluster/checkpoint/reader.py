@@ -60,6 +60,15 @@ class Checkpoint:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' object): {e}") from e
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard files")
+            for shard in set(weight_map.values()):
+                # Shards are files of this directory: a path with '..' or an absolute one would make a group
+                # map any file the process can read. Not resolved: Hugging Face caches link shards elsewhere.
+                if not isinstance(shard, str) or not shard or Path(shard).is_absolute() or ".." in Path(shard).parts \
+                        or "\\" in shard:
+                    raise CheckpointError(f"{index} names shard {shard!r:.100}: shards must be relative paths inside "
+                                          f"the checkpoint directory (no '..', not absolute)")
             files = {name: self.path / shard for name, shard in weight_map.items()}
             for shard in set(files.values()):
                 if not shard.is_file():

@@ -32,7 +32,7 @@ class AutoscalerConfig:
     drain_timeout_s: float = 10.0  # wait this long for routers to leave a placement before unloading its replicas
     load_timeout_s: float = 300.0  # LoadExperts slower than this fails the rebalance (it rolls back)
     metrics_port: int | None = 9101  # Prometheus /metrics of the autoscaler; 0 = a free port, None = off
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = "127.0.0.1"  # 0.0.0.0 where Prometheus scrapes the pod (k8s serve-config)
     metrics_per_expert: bool = False  # per-(layer, expert) load and replica series: L*E of them
 
     def __post_init__(self) -> None:

@@ -62,7 +62,9 @@ class Controller(GroupLifecycle, GroupRepair, Scaling, ManualRequests):
         self.config = config if isinstance(config, ControllerConfig) else ControllerConfig.from_dict(config)
         # Synchronous redis-py calls on the actor's event loop: a few small writes per control call,
         # bounded by state.SOCKET_TIMEOUT_S; never on a router's hot path.
-        self.state = ClusterState(self.config.redis_url, self.config.redis_namespace)
+        self.credentials = self.config.expert_credentials()  # per cluster; groups and routers get their share
+        self.state = ClusterState(self.config.redis_url, self.config.redis_namespace,
+                                  self.credentials.placement_signing_key)  # signs every placement it publishes
         # names, _actors and _held are parallel lists indexed by group id (the table's group order):
         # whatever adds, drops or reorders a group changes all three together.
         self.names = [f"{self.config.name}-group-{i}" for i in range(self.config.num_groups)]
@@ -75,7 +77,6 @@ class Controller(GroupLifecycle, GroupRepair, Scaling, ManualRequests):
         self._held: list[set[tuple[int, int]]] = []  # per group id: the slots it holds (a superset of its table slots)
         self._lock = asyncio.Lock()  # one control call mutates the table at a time; binds to the actor's loop
         self.telemetry = Telemetry(self.state)
-        self.credentials = self.config.expert_credentials()  # per cluster; groups and routers get it from here
         a = self.config.autoscaler
         self.rebalancer = Rebalancer(self.state, self.telemetry, a.load_timeout_s, a.drain_timeout_s,
                                      credentials=self.credentials)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError
@@ -25,7 +26,7 @@ from cluster.control.controller_errors import ControllerError
 from cluster.placement.table import PlacementTable
 from cluster.state.metrics import serve_metrics
 from experts.config import ExpertGroupConfig
-from experts.credentials import ExpertCredentials
+from experts.credentials import RouterCredentials
 from experts.group import ExpertGroupActor
 
 log = logging.getLogger("cluster.control.controller")  # one logger for the whole controller, named as before the split
@@ -79,8 +80,9 @@ class GroupLifecycle:
             name, error = failed[0]
             raise ControllerError(f"{len(failed)} of {cfg.num_groups} group(s) failed to start; "
                                   f"first: {name}: {error}") from error
-        # Above any version a previous controller left in Redis, so routers switch to it (v1 on a fresh Redis).
-        version = await asyncio.to_thread(self.state.placement_version)
+        # Above the version of a placement a previous controller of this cluster signed, so routers switch to
+        # it (v1 on a fresh Redis). Not the bare version key: a forged one must not push versions to the bound.
+        version = await asyncio.to_thread(self.state.published_version)
         table = PlacementTable(version + 1, tuple(results), plan.replicas)
         table.validate(spec)
         await self._register_and_publish(table, range(len(self.names)))
@@ -94,7 +96,9 @@ class GroupLifecycle:
         cfg = self.config
         group_config = ExpertGroupConfig(checkpoint=cfg.checkpoint, slots=slots, device=cfg.group_device,
                                          dtype=self.model_dtype(), host=cfg.group_host, name=name,
-                                         cpu_threads=cfg.group_cpu_threads, credentials=self.credentials)
+                                         cpu_threads=cfg.group_cpu_threads, credentials=self.credentials,
+                                         cpu_affinity=[int(name.rsplit("-", 1)[-1]) % os.cpu_count()]
+                                         if cfg.pin_groups else None)
         options = dict(name=name, max_restarts=cfg.max_group_restarts, max_task_retries=0)
         if num_gpus:
             options["num_gpus"] = num_gpus
@@ -104,9 +108,10 @@ class GroupLifecycle:
         """The cluster's model dtype, which groups compute in and routers must use (a Ray call)."""
         return self.config.dtype or ("bfloat16" if self._num_gpus() else "float32")
 
-    def expert_credentials(self) -> ExpertCredentials:
-        """What routers need to call the groups (a Ray call: it never leaves the cluster)."""
-        return self.credentials
+    def router_credentials(self) -> RouterCredentials:
+        """What a router needs: call Forward and Stats, verify the placement (a Ray call: it never leaves the
+        cluster). Never the cluster secret or the control-plane secret: those stay in this actor."""
+        return self.credentials.for_router()
 
     def _num_gpus(self) -> float:
         if self.config.num_gpus_per_group is not None:

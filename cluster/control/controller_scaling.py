@@ -115,9 +115,10 @@ class Scaling:
             return decision
 
     def _ensure_published(self, table: PlacementTable) -> None:
-        """A Redis that restarted empty (no persistence) forgot the placement: publish it again,
-        so new routers and `moectl` find it. Running routers kept serving on theirs meanwhile."""
-        if self.state.placement_version() < table.version:
+        """A Redis that restarted empty (no persistence) forgot the placement, or holds one this cluster did
+        not sign: publish ours again, so new routers and `moectl` find it. Running routers kept serving on
+        theirs meanwhile."""
+        if self.state.published_version() < table.version:
             for i, name in enumerate(self.names[:len(table.groups)]):
                 self.state.register_group(name, table.groups[i], table.slots_of(i))
             self.state.publish_placement(table)

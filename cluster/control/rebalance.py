@@ -58,10 +58,11 @@ class RebalanceResult:
 
 async def grpc_call(address: str, method: str, request, timeout_s: float,
                     credentials: ExpertCredentials | None = None):
-    """One ExpertService call on a short-lived channel (control plane: rare, never hot)."""
+    """One ExpertService call on a short-lived channel (control plane: rare, never hot). LoadExperts and
+    UnloadExperts carry the controller's control secret, every other method the data one."""
     async with channel(address, credentials) as ch:
-        return await getattr(expert_pb2_grpc.ExpertServiceStub(ch), method)(request, timeout=timeout_s,
-                                                                              metadata=call_metadata(credentials))
+        return await getattr(expert_pb2_grpc.ExpertServiceStub(ch), method)(
+            request, timeout=timeout_s, metadata=call_metadata(credentials, method))
 
 
 def _slots(slots) -> list[expert_pb2.Slot]:

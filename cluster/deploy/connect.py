@@ -8,8 +8,10 @@ Here rather than in cluster/cli because `moectl serve` (this package) and `moect
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 SERVE_FILE = Path(os.environ.get("ELASTICMOE_HOME", Path.home() / ".elasticmoe")) / "serve.json"
@@ -61,11 +63,19 @@ def redis_url(args) -> str:
 
 
 def write_serve_file(url: str, port: int) -> None:
-    SERVE_FILE.parent.mkdir(parents=True, exist_ok=True)
-    # 0600: the URL may carry the Redis password
-    fd = os.open(SERVE_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"redis_url": url, "port": port, "pid": os.getpid()}, f)
+    """Write SERVE_FILE, mode 0600 (the URL carries the Redis password) on every write: into a new file
+    that mkstemp creates 0600 with O_EXCL, then renamed over SERVE_FILE. A file already there keeps no
+    mode of its own, and a symlink planted there is replaced, never followed (rename does not follow)."""
+    SERVE_FILE.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=SERVE_FILE.parent, prefix=".serve-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"redis_url": url, "port": port, "pid": os.getpid()}, f)
+        os.replace(tmp, SERVE_FILE)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def remove_serve_file() -> None:

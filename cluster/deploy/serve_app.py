@@ -135,9 +135,11 @@ class AppArgs:
             raise AppArgsError(f"application args, router: dtype {mine} but the controller's groups use {dtype}: a "
                                f"cluster has one model dtype; set controller.dtype (or leave router.dtype out)")
         try:
-            return RouterConfig.from_dict({**self.router, "checkpoint": self.checkpoint, "placement": placement,
-                                           "redis_url": redis_url, "redis_namespace": namespace,
-                                           "dtype": mine or dtype})
+            config = RouterConfig.from_dict({**self.router, "checkpoint": self.checkpoint, "placement": placement,
+                                             "redis_url": redis_url, "redis_namespace": namespace,
+                                             "dtype": mine or dtype})
+            config.check_auth_setting()  # a token source, or allow_unauthenticated by name
+            return config
         except (TypeError, ValueError) as e:
             raise AppArgsError(f"application args, router: {e}") from None
 
@@ -197,7 +199,7 @@ def app_builder(args: dict):
     placement = ray.get(controller.placement.remote(), timeout=60)
     log.info("elasticmoe app: controller %s serving placement v%d on %d group(s)", config.name, summary["version"],
              len(summary["groups"]))
-    credentials = ray.get(controller.expert_credentials.remote(), timeout=60)
+    credentials = ray.get(controller.router_credentials.remote(), timeout=60)
     dtype = ray.get(controller.model_dtype.remote(), timeout=60)
     router = parsed.router_config(placement, redis_url, namespace, dtype)
     return build_app(dataclasses.asdict(router), credentials)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -77,6 +78,8 @@ def api_token_digests(tokens_file: str | None, environ=None) -> list[str]:
     """
     from router_service.serving.auth import TOKENS_ENV, TokenSourceError, digest, read_tokens
 
+    if tokens_file is not None and not tokens_file.strip():  # never read as "no file": that would mean no auth
+        raise TokenSourceError("--api-tokens-file is empty: give the path of a token file, or leave the flag out")
     tokens = read_tokens(tokens_file, TOKENS_ENV, os.environ if environ is None else environ)
     if tokens_file and not tokens:
         raise TokenSourceError(f"--api-tokens-file {tokens_file} holds no token (only blanks and comments)")
@@ -102,8 +105,9 @@ def run(args) -> int:
     auth = TokenAuth(digests) if digests else None
     # The local Ray started below (raylet, workers) inherits this environment: keep the raw tokens out of it.
     os.environ.pop(TOKENS_ENV, None)
-    router_settings = {"metrics_port": args.metrics_port, "api_token_sha256": digests,
-                       "served_model_name": args.served_model_name}
+    # Without tokens the router serves unauthenticated by explicit choice (printed below), never by default.
+    router_settings = {"metrics_port": args.metrics_port, "served_model_name": args.served_model_name,
+                       **({"api_token_sha256": digests} if digests else {"allow_unauthenticated": True})}
 
     import ray
     from ray import serve
@@ -113,7 +117,9 @@ def run(args) -> int:
     from router_service.serving.api import max_request_bytes
     from router_service.serving.deployment import GRPC_SERVICER_FUNCTIONS, build_app, limit_client_messages
 
-    redis = None if args.redis_url else EmbeddedRedis()
+    # The private Redis gets a password of its own: any local user could otherwise rewrite the placement
+    # or the heartbeats. It reaches Ray inside redis_url and `moectl` through the 0600 SERVE_FILE.
+    redis = None if args.redis_url else EmbeddedRedis(password=secrets.token_urlsafe(24))
     redis_url = args.redis_url or redis.url
     controller = None
     stop = threading.Event()
@@ -141,14 +147,15 @@ def run(args) -> int:
                 else {"host": "127.0.0.1", "port": free_port()})  # off: nothing listens beyond loopback
         serve.start(http_options=http,
                     grpc_options={"port": args.port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS})
-        credentials = ray.get(controller.expert_credentials.remote())
+        credentials = ray.get(controller.router_credentials.remote())
         router_settings["dtype"] = ray.get(controller.model_dtype.remote())  # the cluster's, set once
         serve.run(build_app({**router_settings, "checkpoint": str(args.checkpoint), "placement": placement,
                               "redis_url": redis_url}, credentials),
                   name="moe")
         write_serve_file(redis_url, args.port)
         auth_line = (f"bearer token required ({len(auth)} token(s), fingerprint {auth.fingerprint}), health checks "
-                     f"open" if auth else "OFF (give --api-tokens-file or $ELASTICMOE_API_TOKENS)")
+                     f"open" if auth else "OFF, allow_unauthenticated: anyone who reaches the port may call it "
+                     "(give --api-tokens-file or $ELASTICMOE_API_TOKENS)")
         print(f"client API authentication: {auth_line}; gRPC and HTTP are plaintext: for other hosts put a TLS proxy "
               f"in front (README, Security)", file=sys.stderr)
         if args.http_port:

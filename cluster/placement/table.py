@@ -7,13 +7,35 @@ the controller anything in the hot path.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
 
 from cluster.checkpoint.spec import ModelSpec
 
+# Bounds on what a table may hold, checked on every table read (check_form): routers dial its
+# addresses and size arrays by it, so one written by someone else must not reach further than this.
+MAX_VERSION = 2**53  # ints above this are not exact in JSON readers; a forged 2**62 would block every publish
+MAX_GROUPS = 4096
+MAX_SLOTS = 2**20  # (layer, expert) rows: DeepSeek-V3 has 14,848
+# host:port with a DNS name, an IPv4 address or a bracketed IPv6 address
+_ADDRESS = re.compile(r"(?:\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?):([0-9]{1,5})")
+
 
 class PlacementError(ValueError):
     """A placement table that cannot serve the model; the message names the expert."""
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def address_problem(address) -> str | None:
+    """Why address is not a dialable "host:port" (port in [1, 65535]); None when it is one."""
+    match = _ADDRESS.fullmatch(address) if isinstance(address, str) else None
+    if match is None or not 1 <= int(match.group(1)) <= 65535:
+        return f"{address!r:.80} is not host:port with a port in [1, 65535]"
+    return None
 
 
 @dataclass(frozen=True)
@@ -42,19 +64,45 @@ class PlacementTable:
         return sorted(slot for slot, gs in self.replicas.items() if group in gs)
 
     def validate(self, spec: ModelSpec) -> None:
+        """check_form(), and exactly one row per (layer, expert) of the model."""
+        self.check_form()
         for layer in spec.sparse_layers:
             for expert in range(spec.num_experts):
-                gs = self.replicas.get((layer, expert), ())
-                if not gs:
+                if not self.replicas.get((layer, expert)):
                     raise PlacementError(f"expert {expert} of layer {layer} has no replica")
-                if len(set(gs)) != len(gs):
-                    raise PlacementError(f"expert {expert} of layer {layer} has two replicas on one group: {gs}")
-                if not all(0 <= g < len(self.groups) for g in gs):
-                    raise PlacementError(f"expert {expert} of layer {layer} names a group outside [0, {len(self.groups) - 1}]")
-                shares = self.shares_of((layer, expert))
-                if len(shares) != len(gs) or min(shares) < 0 or abs(sum(shares) - 1.0) > 1e-6:
-                    raise PlacementError(f"expert {expert} of layer {layer}: shares {list(shares)} must be one "
-                                         f"non-negative number per replica ({len(gs)}) summing to 1")
+        extra = len(self.replicas) - len(spec.sparse_layers) * spec.num_experts
+        if extra > 0:
+            layer, expert = next(k for k in self.replicas if not (spec.is_sparse(k[0]) and k[1] < spec.num_experts))
+            raise PlacementError(f"expert {expert} of layer {layer} is not in the model ({extra} such row(s))")
+
+    def check_form(self) -> None:
+        """What any table must be, whatever the model: a version in [0, MAX_VERSION], at most MAX_GROUPS
+        groups at host:port addresses and MAX_SLOTS rows, replicas on distinct groups that exist, and
+        finite non-negative shares summing to 1. Raises PlacementError naming the field."""
+        if not _is_int(self.version) or not 0 <= self.version <= MAX_VERSION:
+            raise PlacementError(f"version must be an int in [0, 2**53], got {self.version!r:.40}")
+        if len(self.groups) > MAX_GROUPS or len(self.replicas) > MAX_SLOTS:
+            raise PlacementError(f"{len(self.groups)} groups and {len(self.replicas)} rows: at most {MAX_GROUPS} "
+                                 f"groups and {MAX_SLOTS} rows")
+        for g, address in enumerate(self.groups):
+            if (problem := address_problem(address)) is not None:
+                raise PlacementError(f"group {g}: address {problem}")
+        if not set(self.shares) <= set(self.replicas):
+            raise PlacementError("shares name a (layer, expert) that has no replicas")
+        for (layer, expert), gs in self.replicas.items():
+            if not (_is_int(layer) and _is_int(expert) and layer >= 0 and expert >= 0):
+                raise PlacementError(f"(layer, expert) ({layer!r:.20}, {expert!r:.20}) must be two ints >= 0")
+            if not gs or not all(_is_int(g) and 0 <= g < len(self.groups) for g in gs):
+                raise PlacementError(f"expert {expert} of layer {layer} names no group or a group outside "
+                                     f"[0, {len(self.groups) - 1}]")
+            if len(set(gs)) != len(gs):
+                raise PlacementError(f"expert {expert} of layer {layer} has two replicas on one group: {gs}")
+            shares = self.shares_of((layer, expert))
+            if len(shares) != len(gs) or not all(isinstance(s, (int, float)) and not isinstance(s, bool)
+                                                 and math.isfinite(s) and s >= 0 for s in shares) \
+                    or abs(sum(shares) - 1.0) > 1e-6:
+                raise PlacementError(f"expert {expert} of layer {layer}: shares {list(shares)[:8]} must be one finite "
+                                     f"non-negative number per replica ({len(gs)}) summing to 1")
 
     def to_placement(self, spec: ModelSpec, slots_per_group: int):
         """The planner's view (cluster/placement/layout.py): slots/shares [L, G, S] over spec.sparse_layers.
@@ -108,14 +156,26 @@ class PlacementTable:
 
     @classmethod
     def from_json(cls, text: str) -> "PlacementTable":
+        """Parse to_json()'s form and check_form() it; PlacementError (a ValueError) names what is wrong."""
         d = json.loads(text)
+        if not (isinstance(d, dict) and isinstance(d.get("groups"), list) and isinstance(d.get("replicas"), list)):
+            raise PlacementError("a placement table is a JSON object with lists 'groups' and 'replicas'")
+        if len(d["groups"]) > MAX_GROUPS or len(d["replicas"]) > MAX_SLOTS:  # before building anything of that size
+            raise PlacementError(f"at most {MAX_GROUPS} groups and {MAX_SLOTS} rows")
         replicas, shares = {}, {}
         for row in d["replicas"]:
-            l, e, gs = row[0], row[1], row[2]
-            replicas[(l, e)] = tuple(gs)
+            if not (isinstance(row, list) and len(row) in (3, 4) and all(isinstance(r, list) for r in row[2:])):
+                raise PlacementError(f"a row must be [layer, expert, [group ids]] or with [shares] after, "
+                                     f"got {row!r:.80}")
+            key = (row[0], row[1])
+            if key in replicas or not all(map(_is_int, key)):
+                raise PlacementError(f"row ({row[0]!r:.20}, {row[1]!r:.20}) is repeated or not two ints")
+            replicas[key] = tuple(row[2])
             if len(row) > 3:
-                shares[(l, e)] = tuple(float(s) for s in row[3])
-        return cls(d["version"], tuple(d["groups"]), replicas, shares)
+                shares[key] = tuple(row[3])
+        table = cls(d.get("version"), tuple(d["groups"]), replicas, shares)
+        table.check_form()
+        return table
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ process (tests, `moectl serve`) never collide.
 | `elasticmoe_forward_slow_total` | counter | group | router: Forward RPCs given up after `forward_slow_s`, their pairs moved to another replica |
 | `elasticmoe_router_placement_version` | gauge | | router: the placement in use |
 | `elasticmoe_telemetry_dropped_total` | counter | | router: load batches lost while Redis was down |
+| `elasticmoe_placement_refused_total` | counter | | router: placements in Redis refused (not signed by this cluster's controller, malformed, not this model's) |
 | `elasticmoe_background_errors_total` | counter | task | router: rounds of a background task (telemetry, health-groups, health-redis) that raised; the task runs on |
 | `elasticmoe_kv_blocks` | gauge | state (used, total) | router: KV cache blocks of the pool |
 | `elasticmoe_kv_preemptions_total` | counter | | router: sequences preempted for KV blocks (recomputed later) |
@@ -37,26 +38,80 @@ process (tests, `moectl serve`) never collide.
 from __future__ import annotations
 
 import logging
+import socket
+import sys
+import threading
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger(__name__)
 
 _SECONDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+# prometheus_client's own server takes every connection on a thread of its own and waits on it for
+# ever: a few hundred idle sockets cost a process as many threads. A scrape is one short request.
+MAX_METRICS_CONNECTIONS = 16  # at once; more are closed at once
+METRICS_SOCKET_TIMEOUT_S = 10.0  # Prometheus' default scrape_timeout: a connection silent longer is dropped
 
 
-def serve_metrics(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> tuple[object, str]:
-    """Start the /metrics HTTP server; (server, "host:port"). port 0 picks a free one; a taken
-    port falls back to a free one (two routers on one node), with a log line naming both."""
+class _QuietHandler(WSGIRequestHandler):
+    timeout = METRICS_SOCKET_TIMEOUT_S  # StreamRequestHandler.setup() puts it on the connection
+
+    def log_message(self, format, *args):  # one line per scrape is noise
+        pass
+
+
+class BoundedMetricsServer(ThreadingMixIn, WSGIServer):
+    """/metrics over HTTP with at most max_connections at once and a socket timeout on each."""
+
+    daemon_threads = True
+
+    def __init__(self, host: str, port: int, max_connections: int, timeout_s: float):
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self.refused = 0  # connections closed at once because max_connections were open
+        super().__init__((host, port), type("Handler", (_QuietHandler,), {"timeout": timeout_s}))
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)  # hands the connection to a new thread
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (TimeoutError, ConnectionError)):  # a slow or gone client is no bug
+            super().handle_error(request, client_address)
+
+
+def serve_metrics(registry: CollectorRegistry, port: int, host: str = "127.0.0.1",
+                  max_connections: int = MAX_METRICS_CONNECTIONS,
+                  timeout_s: float = METRICS_SOCKET_TIMEOUT_S) -> tuple[BoundedMetricsServer, str]:
+    """Start the /metrics HTTP server on a daemon thread; (server, "host:port"). Loopback unless host says
+    otherwise (0.0.0.0 where Prometheus scrapes pods). port 0 picks a free one; a taken port falls back to
+    a free one (two routers on one node), with a log line naming both."""
     try:
-        server, _ = start_http_server(port, addr=host, registry=registry)
+        server = BoundedMetricsServer(host, port, max_connections, timeout_s)
     except OSError as e:
         if port == 0:
             raise
         log.warning("metrics port %d is taken (%s); serving metrics on a free port instead", port, e)
-        server, _ = start_http_server(0, addr=host, registry=registry)
-    return server, f"{host}:{server.server_port}"
+        server = BoundedMetricsServer(host, 0, max_connections, timeout_s)
+    server.set_app(make_wsgi_app(registry))
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server, f"{f'[{host}]' if ':' in host else host}:{server.server_port}"  # host:port, IPv6 bracketed
 
 
 class RouterMetrics:
@@ -76,6 +131,8 @@ class RouterMetrics:
                                        registry=r)
         self.telemetry_dropped = Counter("elasticmoe_telemetry_dropped", "load batches lost while Redis was down",
                                          registry=r)
+        self.placement_refused = Counter("elasticmoe_placement_refused", "placements in Redis refused: unsigned, "
+                                         "forged or malformed", registry=r)
         self.background_errors = Counter("elasticmoe_background_errors", "rounds of a background task that raised",
                                          ["task"], registry=r)
 

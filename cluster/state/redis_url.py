@@ -31,6 +31,8 @@ SECRET_KEYS = ("password", "ssl_password")
 TLS_FILE_KEYS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")  # files; ssl_ca_path is a directory
 CERT_REQS = ("none", "optional", "required")
 BOOL_WORDS = ("0", "1", "true", "false", "yes", "no", "y", "n", "t", "f")
+ENCODE_HINT = ("percent-encode '@ : / ? # %' and spaces in the password and in query values (e.g. %23 for '#', "
+               "%2F for '/', %40 for '@')")
 
 
 def _non_negative_int(value: str) -> bool:
@@ -69,23 +71,38 @@ TLS_QUERY_KEYS = {
 }
 
 
+def _split_userinfo(url: str) -> tuple[str, str | None, str]:
+    """(scheme, userinfo or None, the rest after it). The userinfo runs to the *last* '@': a password with
+    an unencoded '#', '?' or '/' would end urlsplit's netloc early and leave part of itself in the
+    fragment, query or path, where nothing would hide it. An '@' further right is over-redacted: safe."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    userinfo, at, after = rest.rpartition("@")
+    return scheme, (userinfo if at else None), (after if at else rest)
+
+
+def _shown_userinfo(userinfo: str) -> str:
+    # redis://secret@host: redis-py reads a lone userinfo as the password, so hide it too; a user name is
+    # shown only when nothing of the password can be in it
+    user, has_password, _ = userinfo.partition(":")
+    return f"{user}:***" if has_password and not any(c in user for c in "/?#") else "***"
+
+
 def redact_url(url: str) -> str:
     """The URL with its password (userinfo, ?password=) and ?ssl_password= replaced by ***, safe for logs.
     Everything else (host, port, db, certificate paths) is kept as written."""
+    scheme, userinfo, after = _split_userinfo(url)
+    head = f"{scheme}://" if scheme else ""
+    netloc_user = "" if userinfo is None else _shown_userinfo(userinfo) + "@"
     try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if "@" in netloc:
-            userinfo, hostport = netloc.rsplit("@", 1)
-            user, has_password, _ = userinfo.partition(":")
-            # redis://secret@host: redis-py reads a lone userinfo as the password, so hide it too
-            netloc = f"{user}:***@{hostport}" if has_password else f"***@{hostport}"
+        parts = urlsplit(f"{head}{netloc_user}{after}")
         # rewrite the raw query pair by pair: paths stay readable (no re-encoding of '/')
         query = "&".join(f"{pair.partition('=')[0]}=***" if _query_key(pair) in SECRET_KEYS else pair
                          for pair in parts.query.split("&")) if parts.query else ""
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
     except ValueError:  # unparsable (bad brackets, say): show only the scheme, never the rest
-        return url.split(":", 1)[0] + "://<unparsable>"
+        return f"{scheme or 'redis'}://<unparsable>"
 
 
 def _query_key(pair: str) -> str:
@@ -94,14 +111,14 @@ def _query_key(pair: str) -> str:
 
 def url_secrets(url: str) -> list[str]:
     """The secret strings in url, raw and decoded, longest first: what must never be printed."""
+    scheme, userinfo, after = _split_userinfo(url)
     found = set()
+    if userinfo is not None:
+        user, has_password, password = userinfo.partition(":")
+        found |= {password, unquote(password)} if has_password else {user, unquote(user)}
+        found |= {userinfo} if any(c in user for c in "/?#") else set()  # no telling where the password starts
     try:
-        parts = urlsplit(url)
-        if "@" in parts.netloc:
-            userinfo = parts.netloc.rsplit("@", 1)[0]
-            user, has_password, password = userinfo.partition(":")
-            found |= {password, unquote(password)} if has_password else {user, unquote(user)}
-        for pair in parts.query.split("&"):
+        for pair in urlsplit(f"{scheme}://{after}").query.split("&"):
             if _query_key(pair) in SECRET_KEYS:
                 raw = pair.partition("=")[2]
                 found |= {raw, unquote_plus(raw)}
@@ -123,11 +140,18 @@ def check_url(url: str) -> None:
     if not isinstance(url, str):
         raise ValueError(f"redis_url must be a string, got {type(url).__name__}")
     shown = redact_url(url)
+    # A URL that does not parse is never echoed, not even redacted: where its password ends is unknown.
+    userinfo = _split_userinfo(url)[1]
+    if userinfo is not None and any(c in userinfo for c in "/?#"):
+        raise ValueError(f"redis_url cannot be parsed (an unencoded '/', '?' or '#' before the last '@', or an '@' "
+                         f"after the host): {ENCODE_HINT}")
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018  (raises ValueError on a port that is not a number in range)
     except ValueError as e:
-        raise ValueError(f"redis_url {shown} cannot be parsed: {scrub(str(e), url_secrets(url))}") from None
+        reason = ("brackets of an IPv6 host do not match" if "IPv6" in str(e)
+                  else "the port is not a number in [0, 65535]")
+        raise ValueError(f"redis_url cannot be parsed ({reason}): {ENCODE_HINT}") from None
     if parts.scheme not in URL_SCHEMES:
         raise ValueError(f"redis_url must start with one of {', '.join(s + '://' for s in URL_SCHEMES)}, got {shown}")
     allowed = {**QUERY_KEYS, **TLS_QUERY_KEYS}

@@ -1,18 +1,20 @@
 """Cluster state in Redis: the placement table and the expert-group registry.
 
     controller --publish_placement(v)--> MULTI  SET {ns}:placement <json v>
+                                                SET {ns}:placement:mac HMAC(placement key, ns + json)
                                                 SET {ns}:placement:version v
                                                 PUBLISH {ns}:placement:changes v   EXEC
-    router     --subscribe_placement()-> message "v" -> load_placement() -> switch at a step boundary
+    router     --placement_version() > its own?--> load_placement(): MAC verified, form checked
+                                                -> switch at a step boundary
     controller --register_group()------> HSET {ns}:groups name {"address", "slots", "updated_at"}
 
-Keys ({ns} is the namespace, "elasticmoe" by default; several clusters can share one
-Redis under different namespaces):
+Keys ({ns} is the namespace, "elasticmoe" by default; clusters can share one Redis under different ones):
 
 | key | type | meaning |
 |---|---|---|
 | `{ns}:placement` | string | the current PlacementTable as JSON (`PlacementTable.to_json`): version, group addresses, (layer, expert) -> group ids |
-| `{ns}:placement:version` | string (int) | the version of `{ns}:placement`; only ever increases |
+| `{ns}:placement:mac` | string (hex) | HMAC-SHA256 of `{ns}` + newline + `{ns}:placement`, keyed by a key derived from the cluster secret; routers adopt no table without it |
+| `{ns}:placement:version` | string (int) | the version of `{ns}:placement`, in [0, 2**53]; only ever increases. A hint for polls: publishes compare with the signed table's version |
 | `{ns}:placement:changes` | pub/sub channel | one message per published placement; the payload is the new version as a decimal string |
 | `{ns}:groups` | hash | expert group name -> JSON `{"address": "host:port", "slots": [[layer, expert], ...], "updated_at": unix seconds}` |
 | `{ns}:autoscaler:paused` | string | "1" while `moectl autoscaler pause` holds; absent otherwise |
@@ -21,6 +23,12 @@ Redis under different namespaces):
 | `{ns}:autoscaler:results` | hash | request id -> JSON outcome, kept an hour |
 
 Telemetry (load per expert, group utilisation, router heartbeats) has its own keys: cluster/state/telemetry.py.
+
+Why a MAC: anyone who can write to Redis could otherwise publish a table whose addresses are their own,
+and every router would send it the data-plane secret and users' hidden states. A ClusterState given
+`signing_key` signs what it publishes and refuses (PlacementAuthError) a table without this cluster's
+MAC; one without the key (moectl, tests) reads unverified. Everything else read back is checked against
+its schema (cluster/state/schema.py) and skipped with a log line when it fails.
 
 Why the version has its own key: a router polls it with one cheap GET (and compares
 an int) instead of fetching and parsing the whole table. Why the write is one MULTI
@@ -43,10 +51,11 @@ import time
 import redis
 
 from cluster.placement.table import PlacementTable
+from cluster.state import schema
 from cluster.state.redis_url import URL_SCHEMES, check_tls_files, check_url, explain_error, redact_url, tls_unverified
 
-__all__ = ["ClusterState", "ClusterStateError", "RedisAccessError", "StaleVersionError", "URL_SCHEMES", "check_url",
-           "redact_url"]
+__all__ = ["ClusterState", "ClusterStateError", "PlacementAuthError", "RedisAccessError", "StaleVersionError",
+           "URL_SCHEMES", "check_url", "redact_url"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +71,10 @@ class StaleVersionError(ClusterStateError):
     """publish_placement got a version not greater than the one in Redis (another writer is ahead)."""
 
 
+class PlacementAuthError(ClusterStateError):
+    """The placement in Redis does not carry this cluster's MAC: forged, or another cluster's."""
+
+
 class RedisAccessError(ClusterStateError):
     """Redis is unreachable or refused us (password, TLS); the message says which and what to change,
     and holds no secret (cluster/state/redis_url.py: explain_error)."""
@@ -70,8 +83,13 @@ class RedisAccessError(ClusterStateError):
 class ClusterState:
     """The Redis schema above, over a synchronous redis-py client. Not shared across processes."""
 
-    def __init__(self, redis_url: str, namespace: str = "elasticmoe"):
+    def __init__(self, redis_url: str, namespace: str = "elasticmoe", signing_key: bytes | None = None):
+        """signing_key: sign published placements and verify loaded ones (the cluster's
+        placement_signing_key, experts/credentials.py); None reads them unverified, publishes them unsigned."""
         check_url(redis_url)
+        if signing_key is not None and (not isinstance(signing_key, bytes) or len(signing_key) < 16):
+            raise ValueError("signing_key must be None or at least 16 bytes (placement_signing_key)")
+        self._signing_key = signing_key
         check_tls_files(redis_url)  # here, where the connection is made: a missing CA file named now, not at a PING
         if not isinstance(namespace, str) or not namespace or ":" in namespace:
             raise ValueError(f"namespace must be a non-empty string without ':', got {namespace!r}")
@@ -85,6 +103,7 @@ class ClusterState:
                                            health_check_interval=PUBSUB_HEALTH_CHECK_S)
         self.placement_key = f"{namespace}:placement"
         self.version_key = f"{namespace}:placement:version"
+        self.mac_key = f"{namespace}:placement:mac"
         self.changes_channel = f"{namespace}:placement:changes"
         self.groups_key = f"{namespace}:groups"
         self.paused_key = f"{namespace}:autoscaler:paused"
@@ -113,50 +132,79 @@ class ClusterState:
     # ---- placement ------------------------------------------------------------------
 
     def placement_version(self) -> int:
-        """The stored placement version; 0 when none was ever published."""
+        """The version key (a hint for polls: the table is what is verified); 0 when none was ever published."""
         raw = self.client.get(self.version_key)
-        if raw is None:
-            return 0
+        version = 0 if raw is None else schema.version(raw)
+        if version is None:
+            raise ClusterStateError(f"{self.version_key} in {self.url_for_logs} holds {raw!r:.40}, not an int in "
+                                    f"[0, 2**53]: forged or corrupt; the controller's next publish replaces it")
+        return version
+
+    def published_version(self) -> int:
+        """The version of the placement in Redis that this cluster signed (without signing_key: the version
+        key); 0 when there is none, or when what is there is not ours or not a version (publish over it)."""
+        return self._stored_version(self.client)
+
+    def _stored_version(self, client) -> int:  # client: self.client, or publish's WATCHing pipeline
+        if self._signing_key is None:
+            return schema.version(client.get(self.version_key) or "0") or 0
+        text, mac = client.mget(self.placement_key, self.mac_key)
         try:
-            return int(raw)
-        except ValueError:
-            raise ClusterStateError(f"{self.version_key} in {self.url_for_logs} holds {raw!r}, not an int") from None
+            return 0 if text is None else self._parse(text, mac).version
+        except ClusterStateError as e:
+            log.warning("%s; publishing over it", e)
+            return 0
 
     def publish_placement(self, table: PlacementTable) -> None:
-        """Store table and notify subscribers, atomically. Raises StaleVersionError unless
-        table.version is greater than the stored version."""
+        """Store table (signed, with signing_key) and notify subscribers, atomically. Raises
+        StaleVersionError unless table.version is greater than the version of the table in Redis."""
+        table.check_form()  # never write what every reader would refuse
+        text = table.to_json()
         with self.client.pipeline(transaction=True) as pipe:
-            # WATCH makes compare-then-write atomic: if another writer bumps the version between
-            # our GET and EXEC, EXEC fails and we compare again against its version.
+            # WATCH makes compare-then-write atomic: if another writer changes the table between
+            # our read and EXEC, EXEC fails and we compare again against its version.
             while True:
                 try:
-                    pipe.watch(self.version_key)
-                    stored = pipe.get(self.version_key)
-                    stored = int(stored) if stored is not None else 0
+                    pipe.watch(self.placement_key, self.mac_key, self.version_key)
+                    stored = self._stored_version(pipe)
                     if table.version <= stored:
                         raise StaleVersionError(
                             f"placement version {table.version} is not greater than version {stored} already in "
-                            f"{self.version_key} ({self.url_for_logs}); publish version {stored + 1} or later")
+                            f"{self.placement_key} ({self.url_for_logs}); publish version {stored + 1} or later")
                     pipe.multi()
-                    pipe.set(self.placement_key, table.to_json())
+                    pipe.set(self.placement_key, text)
+                    if self._signing_key is None:
+                        pipe.delete(self.mac_key)
+                    else:
+                        pipe.set(self.mac_key, self._mac(text))
                     pipe.set(self.version_key, table.version)
                     pipe.publish(self.changes_channel, str(table.version))
                     pipe.execute()
                     break
                 except redis.WatchError:
                     continue
-        log.info("published placement version %d (%d groups) to %s", table.version, len(table.groups),
-                 self.url_for_logs)
+        log.info("published placement version %d (%d groups, %s) to %s", table.version, len(table.groups),
+                 "signed" if self._signing_key else "unsigned", self.url_for_logs)
 
     def load_placement(self) -> PlacementTable | None:
-        """The current table, or None when none was published."""
-        text = self.client.get(self.placement_key)
-        if text is None:
-            return None
+        """The current table, or None. With signing_key, PlacementAuthError unless it carries this cluster's
+        MAC; ClusterStateError when it is not a well-formed table."""
+        text, mac = self.client.mget(self.placement_key, self.mac_key)
+        return None if text is None else self._parse(text, mac)
+
+    def _mac(self, text: str) -> str:
+        return schema.placement_mac(self._signing_key, self.namespace, text)
+
+    def _parse(self, text: str, mac: str | None) -> PlacementTable:
+        where = f"{self.placement_key} in {self.url_for_logs}"
+        if self._signing_key is not None and not schema.mac_matches(mac, self._mac(text)):
+            raise PlacementAuthError(f"{where} {'has a wrong' if mac else 'has no'} MAC in {self.mac_key}: not "
+                                     f"published by this cluster's controller (forged, or signed with another "
+                                     f"cluster secret); refused")
         try:
-            return PlacementTable.from_json(text)
+            return schema.placement(text)
         except (ValueError, KeyError, TypeError) as e:
-            raise ClusterStateError(f"{self.placement_key} in {self.url_for_logs} is not a placement table: {e}") from e
+            raise ClusterStateError(f"{where} is not a placement table: {e}") from e
 
     def subscribe_placement(self) -> redis.client.PubSub:
         """A PubSub subscribed to {ns}:placement:changes, for a router to poll:
@@ -168,10 +216,9 @@ class ClusterState:
             ...
             sub.close()
 
-        Returns once Redis has confirmed the subscription, so every placement published after
-        this call is delivered. Use get_message(timeout=...), not listen(): the socket timeout
-        would end a blocking listen() on a quiet channel. Messages sent while disconnected
-        are lost; poll placement_version() too."""
+        Returns once Redis has confirmed the subscription, so every placement published after this call
+        is delivered. Use get_message(timeout=...), not listen(): the socket timeout would end a blocking
+        listen() on a quiet channel. Messages sent while disconnected are lost; poll placement_version()."""
         sub = self.client.pubsub()
         sub.subscribe(self.changes_channel)
         # Read the confirmation here: left queued, it would make the caller's first
@@ -195,15 +242,13 @@ class ClusterState:
         self.client.hdel(self.groups_key, name)
 
     def groups(self) -> dict[str, dict]:
-        """name -> {"address": str, "slots": [(layer, expert), ...], "updated_at": float}."""
+        """name -> {"address", "slots": [(layer, expert), ...], "updated_at"}; a malformed entry skipped, logged."""
         out = {}
         for name, text in self.client.hgetall(self.groups_key).items():
             try:
-                entry = json.loads(text)
-                out[name] = {"address": entry["address"], "slots": [tuple(s) for s in entry["slots"]],
-                             "updated_at": float(entry["updated_at"])}
-            except (ValueError, KeyError, TypeError) as e:
-                raise ClusterStateError(f"{self.groups_key}[{name!r}] in {self.url_for_logs} is malformed: {e}") from e
+                out[name] = schema.group_entry(text)
+            except ValueError as e:
+                schema.skipped(f"{self.groups_key}[{name!r:.80}] in {self.url_for_logs}", e)
         return out
 
     # ---- autoscaler control ---------------------------------------------------------
@@ -221,8 +266,13 @@ class ClusterState:
         self.client.set(self.autoscaler_status_key, json.dumps(status))
 
     def autoscaler_status(self) -> dict | None:
+        """What the controller last wrote; None when nothing is, or it is not of the controller's form (logged)."""
         text = self.client.get(self.autoscaler_status_key)
-        return json.loads(text) if text else None
+        try:
+            return schema.autoscaler_status(text) if text else None
+        except ValueError as e:
+            schema.skipped(f"{self.autoscaler_status_key} in {self.url_for_logs}", e)
+            return None
 
     def push_request(self, request: dict) -> str:
         """Queue a manual change for the controller; returns its id (wait with result())."""
@@ -231,13 +281,12 @@ class ClusterState:
         return request_id
 
     def pop_requests(self) -> list[dict]:
-        """Every queued request, parsed one by one: a malformed entry becomes {"id": its id or None,
-        "invalid": why} and costs no other request its place (the list is gone once read)."""
+        """Every queued request, parsed one by one (schema.request): a malformed one costs no other its place."""
         with self.client.pipeline(transaction=True) as pipe:
             pipe.lrange(self.requests_key, 0, -1)
             pipe.delete(self.requests_key)
             texts, _ = pipe.execute()
-        return [_parse_request(t) for t in texts]
+        return [schema.request(t) for t in texts]
 
     def put_result(self, request_id: str, result: dict) -> None:
         with self.client.pipeline(transaction=False) as pipe:
@@ -248,15 +297,3 @@ class ClusterState:
     def result(self, request_id: str) -> dict | None:
         text = self.client.hget(self.results_key, request_id)
         return json.loads(text) if text else None
-
-
-def _parse_request(text) -> dict:
-    try:
-        request = json.loads(text)
-    except (TypeError, ValueError) as e:
-        return {"id": None, "invalid": f"not JSON ({e})"}
-    if not isinstance(request, dict):
-        return {"id": None, "invalid": f"not a JSON object: {type(request).__name__}"}
-    if not isinstance(request.get("id"), str) or not request["id"]:
-        return {"id": None, "invalid": "no request id"}
-    return request

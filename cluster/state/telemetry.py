@@ -18,7 +18,7 @@ Keys ({ns} as in cluster/state/store.py; b = int(unix time // BUCKET_S), times f
 |---|---|---|
 | `{ns}:load:{b}` | hash, TTL | field `"{layer}:{expert}"`: (token, expert) pairs routers sent to that expert during bucket b |
 | `{ns}:group-load:{b}` | hash, TTL | per group: `"{group}\\|{layer}:{expert}"` tokens served, `"{group}\\|busy_s"`, `"{group}\\|calls"`, `"{group}\\|queue_depth"` |
-| `{ns}:routers` | hash | router id -> JSON `{"version": placement version in use, "updated_at": unix s, "metrics": "host:port" or null}` |
+| `{ns}:routers` | hash | router id -> JSON `{"version": placement version in use, "updated_at": unix s, "metrics": "host:port" or null}`; an entry of another form, or more than a TTL in the future, is skipped with a log line and deleted |
 
 Why time buckets with a TTL: Redis memory stays bounded (at most TTL_S / BUCKET_S
 buckets of at most L*E fields each), every router adds into the same bucket
@@ -34,6 +34,7 @@ import json
 import math
 from collections import defaultdict
 
+from cluster.state import schema
 from cluster.state.store import ClusterState
 
 BUCKET_S = 1.0  # the resolution of a load window
@@ -132,12 +133,13 @@ class Telemetry:
         now = self.server_time() if now is None else now
         live, dead = {}, []
         for router_id, text in self.client.hgetall(self.routers_key).items():
-            try:
-                entry = json.loads(text)
-                age = now - float(entry["updated_at"])
-            except (ValueError, KeyError, TypeError):
+            try:  # a malformed entry, or one from the future (it would never expire), is no live router
+                entry = schema.heartbeat(text, now, max_age_s)
+            except ValueError as e:
+                schema.skipped(f"{self.routers_key}[{router_id!r:.80}]", e)
                 dead.append(router_id)
                 continue
+            age = now - entry["updated_at"]
             if age <= max_age_s:
                 live[router_id] = entry
             elif age > 12 * max_age_s:

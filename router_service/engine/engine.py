@@ -57,7 +57,7 @@ class Engine:
         self.pool = kv_pool(dense, config)
         self.blocks = BlockManager(self.pool.num_blocks, self.pool.block_size)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
-        self.runner = ModelRunner(dense, experts, self.pool)
+        self.runner = ModelRunner(dense, experts, self.pool, config.micro_batches)
         log.info("engine: KV pool of %d blocks x %d tokens (%.1f MiB, %s on %s): %d tokens at once",
                  self.pool.num_blocks, self.pool.block_size, self.pool.num_bytes / 2**20, dense.dtype, dense.device,
                  self.pool.num_blocks * self.pool.block_size)

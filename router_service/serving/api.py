@@ -58,9 +58,10 @@ def dispatch_failure(e: DispatchError) -> ApiError:
     """What the client is told when the expert stage failed. UNAVAILABLE (no live replica: the
     message names the experts) and DEADLINE_EXCEEDED pass through, and the SDK may retry the
     first; anything else (a group refusing this router's secret or request) is the server's
-    fault, not the client's: INTERNAL."""
+    fault, not the client's: INTERNAL. Group addresses go to the log only."""
     passed = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-    return ApiError(e.code if e.code in passed else grpc.StatusCode.INTERNAL, str(e))
+    log.warning("expert stage failed: %s", e)  # group addresses and their reasons: for operators, not clients
+    return ApiError(e.code if e.code in passed else grpc.StatusCode.INTERNAL, e.public)
 
 
 class MoEApi:

@@ -140,8 +140,14 @@ class TokenAuth:
     @classmethod
     def from_sources(cls, sha256_hex: Sequence[str] = (), file: str | None = None, env_var: str | None = None,
                      environ: Mapping[str, str] = os.environ) -> "TokenAuth | None":
-        """None when no source is configured (authentication off). With a source configured, the
-        sources must yield at least one token: a missing file or an unset variable fails closed."""
+        """None when no source is configured (authentication off: the caller decides whether that is
+        allowed, RouterConfig.allow_unauthenticated). With a source configured, the sources must yield at
+        least one token: a missing file, an unset variable, or an empty path fails closed."""
+        if file is not None and (not isinstance(file, str) or not file.strip()):
+            # "" once read as "no file", which turned authentication off without a word
+            raise TokenSourceError("api_tokens_file is empty: give the path of a token file, or leave the key out")
+        if env_var is not None and not env_var:
+            raise TokenSourceError("api_tokens_env is empty: name the variable holding the tokens, or leave it out")
         if not (sha256_hex or file or env_var):
             return None
         if env_var and not environ.get(env_var):

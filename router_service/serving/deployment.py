@@ -21,9 +21,9 @@ from elasticmoe.v1 import serving_pb2
 from grpc_health.v1 import health_pb2
 from ray import serve
 
-from experts.credentials import ExpertCredentials
+from experts.credentials import ExpertCredentials, RouterCredentials
 from router_service.serving.api import ApiError
-from router_service.serving.auth import AuthError, TokenAuth
+from router_service.serving.auth import AuthError
 from router_service.serving.chat_template import ChatTemplate
 from router_service.serving.openai_api import build_openai_app
 from router_service.serving.router import Router
@@ -59,13 +59,13 @@ GRPC_SERVICER_FUNCTIONS = [
 @serve.deployment(name="router", max_ongoing_requests=512, max_queued_requests=1024, health_check_period_s=2.0)
 @serve.ingress()
 class RouterDeployment:
-    def __init__(self, config: dict, credentials: ExpertCredentials | None = None):
+    def __init__(self, config: dict, credentials: RouterCredentials | None = None):
         router_config = RouterConfig.from_dict(config)
-        # Before the model loads: a bad token source fails the replica in seconds, with its reason.
-        self.auth = TokenAuth.from_sources(router_config.api_token_sha256, router_config.api_tokens_file,
-                                           router_config.api_tokens_env)
+        # Before the model loads: a bad or missing token source fails the replica in seconds, with its reason.
+        self.auth = router_config.client_auth()
         if self.auth is None:
-            log.info("client API authentication off (no api_token_sha256, api_tokens_file or api_tokens_env)")
+            log.warning("client API authentication OFF (allow_unauthenticated: true): anyone who reaches the "
+                        "port may call Generate, Score and Status")
         else:
             log.info("client API authentication on: %d token(s), fingerprint %s", len(self.auth),
                      self.auth.fingerprint)
@@ -125,7 +125,12 @@ class RouterDeployment:
             status=health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
-def build_app(config: dict, credentials: ExpertCredentials | None = None):
+def build_app(config: dict, credentials: RouterCredentials | ExpertCredentials | None = None):
     """The Serve application: `serve.run(build_app(config, credentials))`. credentials (the controller's
-    expert_credentials()) travel as a deployment argument inside Ray, never in config or logs."""
+    router_credentials(); the cluster's own are cut to the router's share here, before they reach Ray) travel
+    as a deployment argument inside Ray, never in config or logs. A config without a token source needs
+    allow_unauthenticated: true, checked here so a deploy fails at once rather than replica by replica."""
+    RouterConfig.from_dict(config).check_auth_setting()
+    if isinstance(credentials, ExpertCredentials):
+        credentials = credentials.for_router()
     return RouterDeployment.bind(config, credentials)

@@ -19,7 +19,7 @@ from cluster.placement.table import PlacementTable
 from cluster.state.metrics import RouterMetrics, serve_metrics
 from cluster.state.store import ClusterState
 from cluster.state.telemetry import Telemetry
-from experts.credentials import ExpertCredentials
+from experts.credentials import ExpertCredentials, RouterCredentials
 from router_service.engine.engine import Engine
 from router_service.model.dense import DenseModel
 from router_service.model.tokenizer import Tokenizer
@@ -56,9 +56,12 @@ def cluster_dtype(configured: str | None, device: torch.device, stats: dict) -> 
 class Router:
     """Everything a router replica holds; built without Serve so tests can use it directly."""
 
-    def __init__(self, config: RouterConfig, credentials: ExpertCredentials | None = None):
-        """credentials: the cluster's expert-API credentials, from the controller (expert_credentials());
-        None for groups started without any (tests, bench)."""
+    def __init__(self, config: RouterConfig, credentials: RouterCredentials | ExpertCredentials | None = None):
+        """credentials: the router's share of the cluster's credentials, from the controller
+        (router_credentials()); the cluster's own are cut to that share here. None for groups started
+        without any (tests, bench): placements in Redis are then adopted unverified."""
+        if isinstance(credentials, ExpertCredentials):
+            credentials = credentials.for_router()
         checkpoint = Checkpoint(config.checkpoint)
         spec = checkpoint.spec
         device = resolve_device(config.device)
@@ -84,8 +87,10 @@ class Router:
                                                                       config.metrics_host)
         self.follower, self.reporter, self.state = None, None, None
         if config.redis_url:
-            self.state = state = ClusterState(config.redis_url, config.redis_namespace)
-            self.follower = PlacementFollower(self.experts, state, config.placement_poll_s)
+            self.state = state = ClusterState(config.redis_url, config.redis_namespace,
+                                              credentials.placement_signing_key if credentials else None)
+            self.follower = PlacementFollower(self.experts, state, config.placement_poll_s,
+                                              on_refused=self.metrics.placement_refused.inc)
             self.experts.on_stale = self.follower.refresh_soon
             self.reporter = TelemetryReporter(self.experts, Telemetry(state), config.telemetry_flush_s,
                                               metrics_address=self.metrics_address, on_flush=self._on_flush,

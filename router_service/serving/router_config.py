@@ -5,6 +5,7 @@ serveConfigV2 fails the deploy with its name instead of being ignored.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from cluster.placement.table import PlacementTable
 from experts.wire import MAX_FORWARD_TOKENS
 from router_service.engine.config import EngineConfig
 from router_service.engine.scheduler import SchedulerConfig
-from router_service.serving.auth import TokenAuth
+from router_service.serving.auth import TokenAuth, TokenSourceError
 
 
 def resolve_device(device: str) -> torch.device:
@@ -50,6 +51,7 @@ class RouterConfig:
     kv_cache_bytes: int | None = None
     kv_cache_fraction: float = 0.5
     kv_block_size: int = 16
+    micro_batches: int = 1  # 2: two micro-batches in flight, hiding the expert hop (engine/pipeline.py)
     max_running: int = 64
     max_step_tokens: int = 512
     prefill_chunk: int = 256
@@ -65,7 +67,7 @@ class RouterConfig:
     placement_poll_s: float = 0.5
     telemetry_flush_s: float = 0.1  # routed load goes to Redis at most this often (with redis_url)
     metrics_port: int | None = 9100  # Prometheus /metrics; 0 = a free port, None = off
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = "127.0.0.1"  # 0.0.0.0 where Prometheus scrapes the pod (k8s serve-config)
     metrics_per_expert: bool = False  # per-(layer, expert) series: L*E of them, off for big models
     # Client-API bearer tokens (router_service/serving/auth.py). Authentication is on when any of the three
     # is set, and a replica whose sources yield no token refuses to start: it fails closed.
@@ -74,6 +76,9 @@ class RouterConfig:
     api_tokens_env: str | None = None  # an environment variable of the replica: comma-separated tokens
     # The `model` of the OpenAI-compatible HTTP API (/v1/models); None: the checkpoint folder's name.
     served_model_name: str | None = None
+    # No token source and this False: the replica refuses to start (client_auth()). Serving without
+    # authentication is a choice made here, by name, never the result of a missing or empty setting.
+    allow_unauthenticated: bool = False
 
     def __post_init__(self):
         if self.dtype is not None:
@@ -87,6 +92,15 @@ class RouterConfig:
         if self.api_tokens_env is not None and not (isinstance(self.api_tokens_env, str)
                                                     and self.api_tokens_env.isidentifier()):
             raise ValueError(f"api_tokens_env must name an environment variable, got {self.api_tokens_env!r}")
+        if self.api_tokens_file is not None and (not isinstance(self.api_tokens_file, str)
+                                                 or not self.api_tokens_file.strip()):
+            raise ValueError("api_tokens_file must be the path of a token file; leave it out rather than empty "
+                             "(an empty path once turned authentication off)")
+        if not isinstance(self.allow_unauthenticated, bool):
+            raise ValueError(f"allow_unauthenticated must be true or false, got {self.allow_unauthenticated!r}")
+        if self.allow_unauthenticated and self.has_token_source():
+            raise ValueError("allow_unauthenticated is true but a token source (api_token_sha256, api_tokens_file, "
+                             "api_tokens_env) is set too: remove one of them")
         PlacementTable.from_json(self.placement)
         if self.served_model_name is not None and not (isinstance(self.served_model_name, str)
                                                        and self.served_model_name.strip()):
@@ -108,7 +122,23 @@ class RouterConfig:
     def model_name(self) -> str:
         return served_model(self.checkpoint, self.served_model_name)
 
+    def has_token_source(self) -> bool:
+        return bool(self.api_token_sha256) or self.api_tokens_file is not None or self.api_tokens_env is not None
+
+    def check_auth_setting(self) -> None:
+        """TokenSourceError unless a token source is set or unauthenticated serving is chosen by name."""
+        if not self.has_token_source() and not self.allow_unauthenticated:
+            raise TokenSourceError("client API authentication has no token source: set api_tokens_env (a variable "
+                                   "from a Secret), api_tokens_file or api_token_sha256; or, to serve without "
+                                   "authentication (loopback, tests), set allow_unauthenticated: true")
+
+    def client_auth(self, environ=os.environ) -> TokenAuth | None:
+        """The replica's TokenAuth, read from its sources here; None only with allow_unauthenticated."""
+        self.check_auth_setting()
+        return TokenAuth.from_sources(self.api_token_sha256, self.api_tokens_file, self.api_tokens_env, environ)
+
     def engine_config(self) -> EngineConfig:
         return EngineConfig(SchedulerConfig(self.max_running, self.max_step_tokens, self.prefill_chunk, self.max_queue),
                             max_new_tokens=self.max_new_tokens, kv_cache_bytes=self.kv_cache_bytes,
-                            kv_cache_fraction=self.kv_cache_fraction, block_size=self.kv_block_size)
+                            kv_cache_fraction=self.kv_cache_fraction, block_size=self.kv_block_size,
+                            micro_batches=self.micro_batches)

@@ -33,10 +33,11 @@ class Cluster:
         self.controller = ControllerActor.options(name=self.name).remote(config)
         ray.get(self.controller.start.remote(), timeout=120)
         self.state = ClusterState(redis_url, self.namespace)
-        self.router = Router(RouterConfig(checkpoint=str(checkpoint), placement=self.state.load_placement().to_json(),
+        placement = ray.get(self.controller.placement.remote(), timeout=30)  # from the controller: no Redis to trust
+        self.router = Router(RouterConfig(checkpoint=str(checkpoint), placement=placement,
                                           redis_url=redis_url, redis_namespace=self.namespace, placement_poll_s=0.1,
                                           metrics_port=0, metrics_host="127.0.0.1", **(router or {})),
-                             ray.get(self.controller.expert_credentials.remote(), timeout=30))
+                             ray.get(self.controller.router_credentials.remote(), timeout=30))
         self.spec = Checkpoint(checkpoint).spec
 
     def replica_counts(self) -> dict[tuple[int, int], int]:

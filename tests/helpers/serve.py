@@ -35,8 +35,9 @@ def served(checkpoint, router: dict | None = None, num_groups: int = 2):
         grpc_port, http_port = free_port(), free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                     grpc_options={"port": grpc_port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS})
-        serve.run(build_app({**(router or {}), "checkpoint": str(checkpoint), "placement": table.to_json()}),
-                  name="moe")
+        # unauthenticated unless `router` says otherwise (a token source with allow_unauthenticated: false)
+        serve.run(build_app({"allow_unauthenticated": True, **(router or {}), "checkpoint": str(checkpoint),
+                             "placement": table.to_json()}), name="moe")
         yield Served(f"127.0.0.1:{grpc_port}", http_port, groups)
     finally:
         with contextlib.suppress(Exception):  # best effort on the way out; ray.shutdown follows regardless

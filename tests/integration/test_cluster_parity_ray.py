@@ -39,7 +39,7 @@ def test_greedy_through_the_cluster_equals_reference(cluster_env, hf_checkpoint,
         table = ClusterState(cluster_env.url, namespace).load_placement()  # what a router reads
         assert table.version == 1 and len(table.groups) == num_groups
         ckpt = Checkpoint(path)
-        remote = RemoteExperts(ckpt.spec, table, credentials=ray.get(controller.expert_credentials.remote()))
+        remote = RemoteExperts(ckpt.spec, table, credentials=ray.get(controller.router_credentials.remote()))
         model = ReferenceModel(DenseModel(ckpt.spec, ckpt.load_dense()), remote)
         reference = ReferenceModel.from_pretrained(path)
         prompt = torch.randint(0, ckpt.spec.vocab_size, (7,), generator=torch.Generator().manual_seed(11)).tolist()

@@ -19,7 +19,7 @@ from cluster.checkpoint.reader import Checkpoint
 from cluster.control.controller import ControllerActor, ControllerConfig, ControllerError
 from cluster.state.redis_server import EmbeddedRedis
 from cluster.state.store import ClusterState
-from experts.credentials import ExpertCredentials, call_metadata
+from experts.credentials import CredentialsError, ExpertCredentials, call_metadata
 from experts.wire import encode
 from helpers.groups import group_stats
 
@@ -56,6 +56,7 @@ def test_controller_starts_repairs_and_shuts_down_groups(local_ray, redis_server
                               autoscaler={"metrics_port": 0})
     controller = ControllerActor.options(name=name).remote(config)
     state = ClusterState(redis_server.url)
+    state.client.set(state.version_key, str(2**62))  # forged: must neither block nor move the first publish
     try:
         summary = ray.get(controller.start.remote(), timeout=120)
         assert ray.get(controller.start.remote(), timeout=30) == summary  # idempotent
@@ -67,7 +68,7 @@ def test_controller_starts_repairs_and_shuts_down_groups(local_ray, redis_server
         assert list(table.groups) == [g["address"] for g in summary["groups"]]
         assert ray.get(controller.placement.remote()) == table.to_json()
         table.validate(spec)  # every (layer, expert) has a replica on an existing group
-        credentials = ray.get(controller.expert_credentials.remote(), timeout=30)
+        credentials = ray.get(controller.router_credentials.remote(), timeout=30)
         served = {}
         for g, address in enumerate(table.groups):
             assert held_slots(address, credentials) == table.slots_of(g)
@@ -80,12 +81,28 @@ def test_controller_starts_repairs_and_shuts_down_groups(local_ray, redis_server
             with pytest.raises(grpc.RpcError) as err:
                 forward_one_token(table.groups[0], creds, spec)
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, err.value
-            assert credentials.secret not in err.value.details()
+            assert credentials.data_secret not in err.value.details()
         with pytest.raises(grpc.RpcError, match="UNAUTHENTICATED"):
             group_stats(table.groups[0], None)
         seen = group_stats(table.groups[0], credentials)
         assert seen.forward_calls == 0 and seen.refused_calls == 3
-        assert credentials.secret not in repr(credentials)
+        assert credentials.data_secret not in repr(credentials)
+        # what routers get may call Forward and Stats, never load or unload: that is the controller's alone
+        with pytest.raises(CredentialsError, match="control-plane"):
+            call_metadata(credentials, "LoadExperts")
+        with grpc.insecure_channel(table.groups[0]) as ch:
+            stub = expert_pb2_grpc.ExpertServiceStub(ch)
+            for call, request in ((stub.LoadExperts, expert_pb2.LoadExpertsRequest),
+                                  (stub.UnloadExperts, expert_pb2.UnloadExpertsRequest)):
+                with pytest.raises(grpc.RpcError) as err:
+                    call(request(slots=[expert_pb2.Slot(layer=spec.sparse_layers[0], expert=0)]), timeout=30,
+                         metadata=call_metadata(credentials))  # the data-plane secret
+                assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, err.value
+        assert held_slots(table.groups[0], credentials) == table.slots_of(0)  # nothing unloaded
+        # the placement is signed: a router's key verifies it
+        signed = ClusterState(redis_server.url, signing_key=credentials.placement_signing_key)
+        assert signed.load_placement() == table
+        signed.close()
         groups = ray.get(controller.groups.remote(), timeout=30)
         assert [g["health"] for g in groups] == ["SERVING", "SERVING"]
         assert {n: g["address"] for n, g in state.groups().items()} == {g["name"]: g["address"] for g in groups}

@@ -71,7 +71,7 @@ def test_no_or_wrong_secret_is_unauthenticated_and_computes_nothing(tiny_checkpo
                 assert SECRET not in err.details() and SECRET[:-1] not in err.details()
             async with channel(address, None) as ch:  # every method, not only Forward
                 stub = expert_pb2_grpc.ExpertServiceStub(ch)
-                twice = ((SECRET_METADATA, SECRET), (SECRET_METADATA, SECRET))
+                twice = ((SECRET_METADATA, right.data_secret), (SECRET_METADATA, right.data_secret))
                 for call in (stub.Stats(expert_pb2.StatsRequest(), timeout=10),
                              stub.LoadExperts(expert_pb2.LoadExpertsRequest(slots=[expert_pb2.Slot(layer=0, expert=1)]),
                                               timeout=10),
@@ -98,6 +98,48 @@ def test_no_or_wrong_secret_is_unauthenticated_and_computes_nothing(tiny_checkpo
             assert stats.forward_calls == 1 and stats.refused_calls == 6  # the huge one never reached the check
 
     asyncio.run(body())
+
+
+def test_control_calls_need_the_controllers_secret_and_slot_lists_are_capped(tiny_checkpoint):
+    """A router's share (data plane) may call Forward and Stats, never LoadExperts/UnloadExperts; the
+    controller's control secret opens only those; slot lists longer than the model's are refused."""
+    cluster = ExpertCredentials(SECRET)
+    router = cluster.for_router()
+    slot = [expert_pb2.Slot(layer=0, expert=1)]
+    limit = 2 * 8  # the tiny preset: 2 MoE layers x 8 experts
+
+    async def body():
+        async with serving(tiny_checkpoint, cluster) as (servicer, address):
+            async with channel(address, None) as ch:
+                stub = expert_pb2_grpc.ExpertServiceStub(ch)
+                for call in (stub.LoadExperts(expert_pb2.LoadExpertsRequest(slots=slot), timeout=10,
+                                              metadata=call_metadata(router)),
+                             stub.UnloadExperts(expert_pb2.UnloadExpertsRequest(slots=slot), timeout=10,
+                                                metadata=call_metadata(router)),
+                             stub.Forward(one_token(), timeout=10, metadata=call_metadata(cluster, "LoadExperts"))):
+                    err = await refused(call)
+                    assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err
+                    assert router.data_secret not in err.details() and cluster.control_secret not in err.details()
+                assert servicer.slots == [(0, 0)] and servicer._forward_calls == 0
+                with pytest.raises(CredentialsError, match="control-plane"):
+                    call_metadata(router, "LoadExperts")
+                control = call_metadata(cluster, "LoadExperts")
+                loaded = await stub.LoadExperts(expert_pb2.LoadExpertsRequest(slots=slot), timeout=30, metadata=control)
+                assert [(s.layer, s.expert) for s in loaded.slots] == [(0, 0), (0, 1)]
+                too_many = [expert_pb2.Slot(layer=0, expert=0)] * (limit + 1)
+                for call in (stub.LoadExperts(expert_pb2.LoadExpertsRequest(slots=too_many), timeout=10,
+                                              metadata=control),
+                             stub.UnloadExperts(expert_pb2.UnloadExpertsRequest(slots=too_many), timeout=10,
+                                                metadata=control)):
+                    err = await refused(call)
+                    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and f"at most {limit}" in err.details()
+                assert servicer.slots == [(0, 0), (0, 1)]
+                assert list((await forward(address, None, router)).output.shape) == [1, H]
+
+    asyncio.run(body())
+    group = cluster.for_group()  # what a group is given: digests, no secret that could call anything
+    assert not {SECRET, cluster.data_secret, cluster.control_secret} & {str(v) for v in vars(group).values()}
+    assert cluster.placement_signing_key not in (cluster.data_secret.encode(), SECRET.encode())
 
 
 def test_mutual_tls_needs_the_cluster_certificate_and_the_secret(tiny_checkpoint, pki):

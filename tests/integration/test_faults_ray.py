@@ -135,7 +135,7 @@ def test_group_dying_during_load_experts_rolls_back_and_fails_nothing(replicated
     (holder,) = cluster.state.load_placement().replicas[(layer, expert)]
     target = 1 - holder  # the group the next scale-up loads onto; it holds a replica of every other expert
     ray.get(group(cluster, target).inject_fault.remote(load_delay_s=30.0), timeout=10)
-    credentials = ray.get(cluster.controller.expert_credentials.remote(), timeout=10)
+    credentials = ray.get(cluster.controller.router_credentials.remote(), timeout=10)
     address = cluster.state.load_placement().groups[target]
     traffic = Traffic(cluster.router, reference, list(range(2, 200)), seed=8)
     try:

@@ -4,10 +4,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
 import urllib.request
+from urllib.parse import unquote, urlsplit
+
+import pytest
+import redis
 
 from cluster.state.redis_server import free_port
 from router_service.client import MoEClient
@@ -19,10 +24,11 @@ READY = "serving elasticmoe.v1.MoEService"
 def test_serve_generate_status_then_ctrl_c(tiny_checkpoint, tmp_path):
     port, http_port = free_port(), free_port()
     log = open(tmp_path / "serve.log", "w+")
+    home = tmp_path / "home"  # where serve.json goes
     proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--checkpoint", str(tiny_checkpoint),
                              "--groups", "2", "--port", str(port), "--http-port", str(http_port), "--http-host",
                              "127.0.0.1", "--served-model-name", "demo"], stdout=log, stderr=subprocess.STDOUT,
-                            env=os.environ | {"PYTHONUNBUFFERED": "1"})
+                            env=os.environ | {"PYTHONUNBUFFERED": "1", "ELASTICMOE_HOME": str(home)})
     try:
         deadline = time.monotonic() + 180
         while READY not in (tmp_path / "serve.log").read_text():
@@ -44,6 +50,16 @@ def test_serve_generate_status_then_ctrl_c(tiny_checkpoint, tmp_path):
         status = subprocess.run([sys.executable, "-m", "cluster.cli", "status", "--address", f"127.0.0.1:{port}"],
                                 capture_output=True, text=True, timeout=60)
         assert status.returncode == 0 and "placement v1" in status.stdout and "layer   1:" in status.stdout
+        # the embedded Redis has a password: another local user cannot rewrite the cluster's state
+        serve_file = home / "serve.json"
+        assert stat.S_IMODE(serve_file.stat().st_mode) == 0o600
+        url = json.loads(serve_file.read_text())["redis_url"]
+        password = unquote(urlsplit(url).password or "")
+        assert len(password) >= 24
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host="127.0.0.1", port=urlsplit(url).port, socket_timeout=5).ping()
+        text = (tmp_path / "serve.log").read_text()
+        assert "allow_unauthenticated" in text and password not in text
     finally:
         proc.send_signal(signal.SIGINT)
         try:

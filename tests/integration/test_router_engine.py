@@ -107,6 +107,30 @@ def test_extreme_sampling_values_never_fail_a_neighbour(tiny_checkpoint, served)
         r.close()
 
 
+def test_expert_stage_errors_name_experts_never_group_addresses(tiny_checkpoint, served, caplog):
+    """Experts whose only replica sits on a dead address: the client hears which experts, the log where."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    live = PlacementTable.from_json(served)
+    table = PlacementTable(1, (live.groups[0], dead), live.replicas)
+    r = router(tiny_checkpoint, table.to_json(), forward_timeout_s=5.0)
+    try:
+        async def generate():
+            return [ev async for ev in r.api.generate(serving_pb2.GenerateRequest(token_ids=[5, 17], max_tokens=2))]
+
+        with caplog.at_level("WARNING", logger="router_service.serving.api"), pytest.raises(ApiError) as info:
+            asyncio.run(generate())
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE, info.value.message
+        assert "no live replica of (layer, expert)" in info.value.message
+        assert "127.0.0.1" not in info.value.message and live.groups[0] not in info.value.message
+        assert dead in caplog.text  # operators still see where
+    finally:
+        r.close()
+
+
 def test_status_and_check_answer_at_once_with_redis_stopped_and_a_group_blackholed(tiny_checkpoint, served):
     """Status and Check read snapshots refreshed in the background (router_service/serving/health.py):
     with the router's Redis stopped (SIGSTOP: its socket hangs until the 5 s timeout) and one group

@@ -9,6 +9,7 @@ import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from helpers.serve import served
+from helpers.traffic import wait_for
 from router_service.client import InvalidArgument, MoEClient
 from router_service.model.reference import ReferenceModel
 
@@ -46,7 +47,12 @@ def test_generate_score_status_health(address, tiny_checkpoint):
         scores = client.score(prompt)
         assert max(abs(s - float(logp[i, prompt[i + 1]])) for i, s in enumerate(scores)) <= 1e-4
 
-        status = client.status()
+        # Status answers from snapshots refreshed every second: wait for one taken after the traffic above
+        def served_load():
+            s = client.status()
+            return s if sum(e.tokens for e in s.load) > 0 else None
+
+        status = wait_for(served_load, 10, what="a Status snapshot with the load served")
         assert status.serving and status.placement_version == 1 and len(status.groups) == 2
         assert all(g.health == "SERVING" for g in status.groups)
         served = {(e.layer, e.expert): e.tokens for e in status.load}

@@ -396,6 +396,8 @@ def test_ports_and_metrics_match_the_configs(overlay):
     assert p["router-metrics"] == app["args"]["router"]["metrics_port"] == 9100
     # the autoscaler's metrics come from the controller actor, on the head
     assert ports(ray_container(head))["scaler-metrics"] == app["args"]["controller"]["autoscaler"]["metrics_port"]
+    # both bind loopback unless told: scraped pods say 0.0.0.0 explicitly
+    assert app["args"]["router"]["metrics_host"] == app["args"]["controller"]["autoscaler"]["metrics_host"] == "0.0.0.0"
     for group, port in ((routers, "9100"), (head, "9101")):
         annotations = group["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/port"] == port and annotations["prometheus.io/scrape"] == "true"
@@ -470,6 +472,8 @@ def test_gpu_overlay_is_production_shaped():
     assert routers["minReplicas"] >= router["autoscaling_config"]["min_replicas"]
     assert router["autoscaling_config"]["max_replicas"] <= routers["maxReplicas"]
     assert router["ray_actor_options"]["num_cpus"] <= float(ray_container(routers)["resources"]["limits"]["cpu"])
+    # production serves only authenticated clients, tokens from a Secret; no way to turn that off by accident
+    assert args["router"].get("api_tokens_env") and not args["router"].get("allow_unauthenticated")
 
 
 def test_dev_cpu_overlay_is_one_cpu_worker():

@@ -113,8 +113,10 @@ def test_expert_stage_failures_map_to_what_the_client_can_do():
     code = grpc.StatusCode
     for inner, outer in [(code.UNAVAILABLE, code.UNAVAILABLE), (code.DEADLINE_EXCEEDED, code.DEADLINE_EXCEEDED),
                          (code.UNAUTHENTICATED, code.INTERNAL), (code.INVALID_ARGUMENT, code.INTERNAL)]:
-        error = dispatch_failure(DispatchError("127.0.0.1:1", inner, "why"))
-        assert error.code == outer and "127.0.0.1:1" in error.message and "why" in error.message
+        error = dispatch_failure(DispatchError("10.0.0.7:4321", inner, "why at 10.0.0.7:4321", public="(0, 3)"))
+        assert error.code == outer and error.message == "(0, 3)"  # the experts, never a group's address
+        error = dispatch_failure(DispatchError("10.0.0.7:4321", inner, "failed to connect to 10.0.0.7:4321"))
+        assert "10.0.0.7" not in error.message and inner.name in error.message
 
 
 def test_full_queue_is_resource_exhausted(tiny_checkpoint):

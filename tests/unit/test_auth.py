@@ -157,6 +157,8 @@ def test_moectl_serve_passes_digests_only(tmp_path):
     path.write_text(f"{A}\n{B}\n")
     assert api_token_digests(str(path), {"ELASTICMOE_API_TOKENS": f"{C},{A}"}) == sorted(map(digest, (A, B, C)))
     assert api_token_digests(None, {}) == []
+    with pytest.raises(TokenSourceError, match="--api-tokens-file is empty"):
+        api_token_digests("", {})
     path.write_text("# none\n")
     with pytest.raises(TokenSourceError, match="holds no token"):
         api_token_digests(str(path), {})
@@ -174,6 +176,40 @@ def test_router_config_auth_fields():
         RouterConfig.from_dict({**base, "api_token_sha256": digest(A)})
     with pytest.raises(ValueError, match="64 lowercase hex"):
         RouterConfig.from_dict({**base, "api_token_sha256": [A]})  # a token where its digest belongs
+
+
+def test_no_auth_is_a_setting_never_an_empty_or_missing_one(monkeypatch):
+    """An empty api_tokens_file once turned authentication off without a word. Now: empty sources are
+    refused, and a router with no source refuses to start unless allow_unauthenticated says so."""
+    from router_service.serving.router_config import RouterConfig
+
+    base = {"checkpoint": "unused", "placement": '{"version": 0, "groups": [], "replicas": []}'}
+    for empty in ("", "  "):
+        with pytest.raises(ValueError, match="api_tokens_file must be the path of a token file"):
+            RouterConfig.from_dict({**base, "api_tokens_file": empty})
+        with pytest.raises(TokenSourceError, match="api_tokens_file is empty"):
+            TokenAuth.from_sources(file=empty)
+    with pytest.raises(TokenSourceError, match="api_tokens_env is empty"):
+        TokenAuth.from_sources(env_var="")
+    with pytest.raises(TokenSourceError, match="no token source.*allow_unauthenticated: true"):
+        RouterConfig.from_dict(base).client_auth()
+    assert RouterConfig.from_dict({**base, "allow_unauthenticated": True}).client_auth() is None
+    with pytest.raises(ValueError, match="remove one of them"):
+        RouterConfig.from_dict({**base, "allow_unauthenticated": True, "api_tokens_env": "MOE_TOKENS"})
+    with pytest.raises(ValueError, match="allow_unauthenticated must be true or false"):
+        RouterConfig.from_dict({**base, "allow_unauthenticated": "yes"})
+    monkeypatch.setenv("MOE_TOKENS", A)
+    assert len(RouterConfig.from_dict({**base, "api_tokens_env": "MOE_TOKENS"}).client_auth()) == 1
+    monkeypatch.delenv("MOE_TOKENS")
+    with pytest.raises(TokenSourceError, match=r"\$MOE_TOKENS, which is unset"):
+        RouterConfig.from_dict({**base, "api_tokens_env": "MOE_TOKENS"}).client_auth()
+
+    from cluster.deploy.serve_app import _EMPTY_PLACEMENT, AppArgs, AppArgsError
+
+    for router, match in (({}, "no token source"), ({"api_tokens_file": ""}, "api_tokens_file")):
+        args = AppArgs.from_dict({"checkpoint": "/c", "num_groups": 1, "router": router})
+        with pytest.raises(AppArgsError, match=match):  # serveConfigV2 fails before anything starts
+            args.router_config(_EMPTY_PLACEMENT, "redis://r:6379/0", "ns")
 
 
 def client_args(**flags) -> argparse.Namespace:

@@ -80,6 +80,17 @@ def test_missing_shard_is_named(tiny_checkpoint, tmp_path):
         Checkpoint(copy)
 
 
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "sub/../../outside.safetensors", "/etc/passwd", "", 7])
+def test_index_naming_a_shard_outside_the_directory_is_refused(tiny_checkpoint, tmp_path, shard):
+    copy = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    shutil.copy(sorted(copy.glob("*.safetensors"))[0], tmp_path / "outside.safetensors")  # a real file out there
+    index = json.loads((copy / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.embed_tokens.weight"] = shard
+    (copy / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="shards must be relative paths inside the checkpoint directory"):
+        Checkpoint(copy)
+
+
 def _single_file(dst):
     from cluster.checkpoint.make import make_checkpoint
 

@@ -110,3 +110,27 @@ def test_bench_kernel_needs_no_redis_client():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "torch ms" in done.stdout
+
+
+def test_serve_file_is_0600_on_every_write_and_never_follows_a_link(tmp_path, monkeypatch):
+    import json
+    import stat
+
+    from cluster.deploy import connect
+
+    serve_file = tmp_path / "home" / "serve.json"
+    monkeypatch.setattr(connect, "SERVE_FILE", serve_file)
+    serve_file.parent.mkdir()
+    serve_file.write_text("{}")
+    serve_file.chmod(0o644)  # left by an older version, or by someone else
+    connect.write_serve_file("redis://:pw@127.0.0.1:1/0", 9000)
+    assert stat.S_IMODE(serve_file.stat().st_mode) == 0o600
+    victim = tmp_path / "victim"
+    victim.write_text("untouched")
+    serve_file.unlink()
+    serve_file.symlink_to(victim)  # planted where moectl serve writes
+    connect.write_serve_file("redis://:pw@127.0.0.1:1/0", 9000)
+    assert victim.read_text() == "untouched" and not serve_file.is_symlink()
+    assert stat.S_IMODE(serve_file.stat().st_mode) == 0o600
+    assert json.loads(serve_file.read_text())["redis_url"] == "redis://:pw@127.0.0.1:1/0"
+    assert [p.name for p in serve_file.parent.iterdir()] == ["serve.json"]  # no temporary file left

@@ -8,7 +8,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router_service.model.sampling import MAX_SEED, MAX_TOP_LOGPROBS, SamplingError, SamplingParams, make_generator, sample
+from router_service.model.sampling import (
+    MAX_SEED,
+    MAX_TOP_LOGPROBS,
+    SamplingError,
+    SamplingParams,
+    make_generator,
+    sample,
+)
 
 
 def reference_distribution(logits: list[float], temperature: float, top_k: int, top_p: float) -> list[float]:

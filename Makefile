@@ -1,5 +1,5 @@
 # Two commands on a fresh Linux machine with Python 3.11:
-#   make serve   set up, make the demo checkpoint if missing, serve it on port 9000
+#   make serve   set up, make the demo checkpoint if missing, serve it on ports 9000 (gRPC) and 8000 (HTTP)
 #   make test    set up, run every test
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -71,12 +71,13 @@ prometheus:
 $(DEMO)/config.json: | $(STAMP)
 	$(BIN)/moectl make-checkpoint --family mixtral --preset small --out $(DEMO)
 
-# The service on the demo checkpoint: 2 expert groups, gRPC on $(PORT); Ctrl-C stops it.
-# From a second terminal: .venv/bin/moectl generate --address 127.0.0.1:$(PORT) "prompt"
+# The service on the demo checkpoint: 2 expert groups, gRPC on $(PORT), the OpenAI-compatible HTTP API on
+# $(HTTP_PORT); Ctrl-C stops it. From a second terminal: .venv/bin/moectl generate --address 127.0.0.1:$(PORT) "prompt"
 PORT ?= 9000
+HTTP_PORT ?= 8000
 GROUPS ?= 2
 serve: setup $(DEMO)/config.json
-	$(BIN)/moectl serve --checkpoint $(DEMO) --groups $(GROUPS) --port $(PORT)
+	$(BIN)/moectl serve --checkpoint $(DEMO) --groups $(GROUPS) --port $(PORT) --http-port $(HTTP_PORT)
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -28,15 +28,24 @@ class ExpertGroupConfig:
     dtype: str | None = None  # None = bfloat16 on cuda, float32 on cpu
     backend: str = "auto"  # expert kernel: "auto" = triton on cuda, torch on cpu
     host: str = "127.0.0.1"  # bind address; "0.0.0.0" to serve routers on other nodes
+    # Same-layer Forwards queued together run as one kernel call (experts/coalescer.py); with a window a
+    # call waits this long for others first (0: never waits, merges only what queued while busy).
+    coalesce_window_s: float = 0.0
     port: int = 0  # 0 = a free port, chosen on every start
     name: str = "group"  # shows in logs and error messages
     cpu_threads: int | None = None  # torch threads for expert math on CPU; None = torch's default (all cores)
+    # CPU cores the group's process may run on (os.sched_setaffinity); None = any. A group pinned to its own
+    # core with one thread stands for a group that owns its GPU (moectl bench skew).
+    cpu_affinity: list[int] | None = None
     # What callers must present, and optional mutual TLS (experts/credentials.py). The cluster's credentials are
     # cut to the group's share (digests) here, in the process that builds the config: no secret reaches a group.
     # None: the port is open to anyone who reaches it (tests, one machine); the controller always sets it.
     credentials: GroupCredentials | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.coalesce_window_s, bool) or not isinstance(self.coalesce_window_s, (int, float)) \
+                or not 0 <= self.coalesce_window_s <= 0.1:
+            raise ValueError(f"coalesce_window_s must be a number of seconds in [0, 0.1], got {self.coalesce_window_s!r}")
         if not isinstance(self.checkpoint, str) or not self.checkpoint:
             raise ValueError(f"checkpoint must be a non-empty path string, got {self.checkpoint!r}")
         self.slots = [self._slot(s) for s in self.slots]
@@ -55,6 +64,9 @@ class ExpertGroupConfig:
             raise ValueError(f"port must be an int in [0, 65535] (0 = pick a free port), got {self.port!r}")
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name must be a non-empty string, got {self.name!r}")
+        if self.cpu_affinity is not None and (not isinstance(self.cpu_affinity, (list, tuple)) or not self.cpu_affinity
+                                              or not all(isinstance(c, int) and c >= 0 for c in self.cpu_affinity)):
+            raise ValueError(f"cpu_affinity must be None or a non-empty list of core ids, got {self.cpu_affinity!r}")
         if self.cpu_threads is not None and (not isinstance(self.cpu_threads, int) or isinstance(self.cpu_threads, bool)
                                              or self.cpu_threads < 1):
             raise ValueError(f"cpu_threads must be None (torch's default) or an int >= 1, got {self.cpu_threads!r}")

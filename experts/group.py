@@ -85,6 +85,8 @@ class ExpertGroup:
 
     def __init__(self, config: ExpertGroupConfig | dict):
         self.config = config if isinstance(config, ExpertGroupConfig) else ExpertGroupConfig.from_dict(config)
+        if self.config.cpu_affinity is not None:
+            _pin(set(self.config.cpu_affinity))
         if self.config.cpu_threads is not None:
             # process-wide: a group actor is its own process. One thread per group makes CPU
             # groups behave like separate devices instead of each spreading over every core.
@@ -147,3 +149,16 @@ class ExpertGroup:
 # shares. Its methods are control calls only (start, address, stop), so a small
 # max_concurrency is plenty; Forward traffic never goes through Ray.
 ExpertGroupActor = ray.remote(max_concurrency=16, max_task_retries=0)(ExpertGroup)
+
+
+def _pin(cores: set[int]) -> None:
+    """Every thread of this process on `cores` (threads started later inherit it): on Linux, affinity
+    is per thread, and Ray and gRPC threads run before the group's own."""
+    available = os.sched_getaffinity(0)
+    cores = cores & available or available  # a core this machine lacks: stay where we are
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except OSError:  # a thread that ended meanwhile
+            pass
+    log.info("group process pinned to cores %s", sorted(cores))

@@ -6,7 +6,7 @@ layer, S_l = slots this group holds of layer l.
   ForwardRequest(layer, hidden [t, H], expert_ids [t, k], weights [t, k])
     -> decode and check             bad tensor / shape / dtype -> INVALID_ARGUMENT
     -> expert id -> local slot      an expert not held here    -> FAILED_PRECONDITION
-    -> moe_forward in a worker thread (the event loop keeps serving other calls)
+    -> the coalescer: moe_forward in a worker thread, same-layer calls queued together in one
     -> ForwardResponse(output [t, H])
 
 What the group holds is one immutable snapshot, layer -> LayerExperts. Load and Unload build a new
@@ -25,58 +25,21 @@ import threading
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import grpc
 import torch
 from elasticmoe.v1 import expert_pb2, expert_pb2_grpc
 
 from cluster.checkpoint.reader import Checkpoint, CheckpointError
+from experts.coalescer import Coalescer
 from experts.config import ExpertGroupConfig
 from experts.credentials import SecretCheck
+from experts.held import LayerExperts, Slot, Triple, held_bytes, held_slots, stack_layer
 from experts.kernels import packed
 from experts.kernels.forward import moe_forward, resolve_backend
-from experts.kernels.packed import PackedExperts
-from experts.kernels.weights import ExpertWeights
-from experts.wire import NAME_OF, WireError, decode, encode, to_device
+from experts.wire import NAME_OF, WireError, decode, encode, to_device, to_host
 
 log = logging.getLogger(__name__)
-
-Slot = tuple[int, int]  # (layer, expert)
-Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gate [F, H], up [F, H], down [H, F]
-
-
-@dataclass(frozen=True)
-class LayerExperts:
-    """The experts of one layer held here, stacked for the kernel."""
-
-    experts: tuple[int, ...]  # local slot -> expert id, ascending
-    weights: ExpertWeights | PackedExperts  # [S_l, ...] on the group's device; packed on CPU fp32
-    slot_of: torch.Tensor  # [E] int64 on cpu: expert id -> local slot, -1 = not held
-
-    def per_expert(self) -> dict[int, Triple]:
-        """One triple per expert (views into a dense stack, or the packed matrices): the input to a rebuild."""
-        return {e: self.weights.slot(i) for i, e in enumerate(self.experts)}
-
-
-def stack_layer(per_expert: dict[int, Triple], num_experts: int, packed: bool = False) -> LayerExperts:
-    """packed: oneDNN's layout (experts/kernels/packed.py), each matrix packed once and shared by
-    reference between snapshots; else dense stacks, copied: no view of the old stack survives."""
-    experts = tuple(sorted(per_expert))
-    triples = [per_expert[e] for e in experts]
-    weights = PackedExperts.stack(triples) if packed else ExpertWeights.stack(triples)
-    slot_of = torch.full((num_experts,), -1, dtype=torch.int64)
-    slot_of[list(experts)] = torch.arange(len(experts))
-    return LayerExperts(experts, weights, slot_of)
-
-
-def held_slots(held: dict[int, LayerExperts]) -> list[Slot]:
-    return sorted((layer, e) for layer, le in held.items() for e in le.experts)
-
-
-def held_bytes(held: dict[int, LayerExperts]) -> int:
-    return sum(le.weights.nbytes for le in held.values())
-
 
 def slot_messages(slots) -> list[expert_pb2.Slot]:
     return [expert_pb2.Slot(layer=layer, expert=expert) for layer, expert in slots]
@@ -109,6 +72,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         # must not stall serving). One thread: loads run one at a time anyway (_swap_lock).
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="expert-load", initializer=_lower_priority)
         self.secret_check: SecretCheck | None = None  # set by serve_group when the port needs a secret
+        # same-layer Forwards queued together run as one kernel call (coalescer.py)
+        self.coalescer = Coalescer(self._compute, config.coalesce_window_s)
         # Fault injection for drills and tests (ExpertGroup.inject_fault): added latency, never a wrong answer.
         self.forward_delay_s, self.load_delay_s = 0.0, 0.0
 
@@ -222,14 +187,16 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
 
         if self.forward_delay_s:
             await asyncio.sleep(self.forward_delay_s)
-        output, counts, busy_s = await asyncio.to_thread(self._compute, layer, hidden, slot_ids, weights)
-        if layer is not None:
+        if layer is None:  # nothing of this layer here and every id is -1: a zero contribution
+            output = torch.zeros_like(hidden)
+        else:
+            output = await self.coalescer.run((request.layer, layer), hidden, slot_ids, weights)
+            counts = torch.bincount(slot_ids[slot_ids >= 0], minlength=len(layer.experts)).tolist()
             for expert, n in zip(layer.experts, counts):
                 if n:
                     self._tokens[(request.layer, expert)] += n
-        self._busy_s += busy_s
         self._forward_calls += 1
-        return expert_pb2.ForwardResponse(output=output)
+        return expert_pb2.ForwardResponse(output=encode(output))
 
     def _check(self, layer: int, hidden, expert_ids, weights) -> str | None:
         """What is wrong with a decoded request, naming the field; None when it is well formed."""
@@ -253,19 +220,18 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             return f"expert_ids must be in [-1, {E - 1}], got values in [{expert_ids.min()}, {expert_ids.max()}]"
         return None
 
-    def _compute(self, layer: LayerExperts | None, hidden, slot_ids, weights):
-        """Runs in a worker thread: (output message, tokens per local slot, seconds)."""
+    def _compute(self, key, hidden, slot_ids, weights) -> torch.Tensor:
+        """One kernel call, in the coalescer's worker thread, over every request it merged: output on
+        the host [t, H]. Copying it back waits for the device, so busy_s is the real compute time."""
         start = time.perf_counter()
-        if layer is None:  # nothing of this layer here and every id is -1: a zero contribution
-            out, counts = torch.zeros_like(hidden), []
-        else:
-            # through pinned memory, non-blocking: the three copies queue behind each other on the stream
-            out = moe_forward(to_device(hidden, self.device), to_device(slot_ids, self.device),
-                              to_device(weights, self.device), layer.weights, self.config.backend,
-                              check_range=False)  # [t, H]: _check did it
-            counts = torch.bincount(slot_ids[slot_ids >= 0], minlength=len(layer.experts)).tolist()
-        message = encode(out)  # copies to host, which waits for the device: busy_s is real compute time
-        return message, counts, time.perf_counter() - start
+        _, layer = key
+        # through pinned memory, non-blocking: the three copies queue behind each other on the stream
+        out = moe_forward(to_device(hidden, self.device), to_device(slot_ids, self.device),
+                          to_device(weights, self.device), layer.weights, self.config.backend,
+                          check_range=False)  # [t, H]: _check did it
+        out = to_host(out)
+        self._busy_s += time.perf_counter() - start
+        return out
 
     # ---- Load / Unload / Stats ------------------------------------------------------
 

@@ -16,10 +16,11 @@ import time
 
 class LocalCluster:
     def __init__(self, checkpoint, num_groups: int = 2, autoscaler: dict | None = None, router: dict | None = None,
-                 group_threads: int | None = None, namespace: str = "bench", name: str | None = None):
+                 group_threads: int | None = None, namespace: str = "bench", name: str | None = None,
+                 pin_groups: bool = False):
         self.checkpoint, self.num_groups, self.namespace = str(checkpoint), num_groups, namespace
         self.autoscaler, self.router_settings, self.group_threads = autoscaler or {}, router or {}, group_threads
-        self.name = name or f"bench-{int(time.time())}"
+        self.name, self.pin_groups = name or f"bench-{int(time.time())}", pin_groups
         self.redis = self.controller = self.router = self.state = None
         self._redis_password = secrets.token_urlsafe(24)
 
@@ -41,7 +42,7 @@ class LocalCluster:
             config = ControllerConfig(checkpoint=self.checkpoint, num_groups=self.num_groups, redis_url=self.redis.url,
                                       redis_namespace=self.namespace, group_device="cpu", name=self.name,
                                       autoscaler={"metrics_port": None, **self.autoscaler},
-                                      group_cpu_threads=self.group_threads)
+                                      group_cpu_threads=self.group_threads, pin_groups=self.pin_groups)
             self.controller = ControllerActor.options(name=self.name).remote(config)
             ray.get(self.controller.start.remote(), timeout=600)
             placement = ray.get(self.controller.placement.remote(), timeout=60)  # from the controller, not Redis

@@ -127,9 +127,11 @@ async def burst(address: str, requests: int, prompt: list[int], max_tokens: int,
 
 
 @contextlib.contextmanager
-def local_service(checkpoint: str, groups: int, router: dict, num_cpus: int | None = None):
+def local_service(checkpoint: str, groups: int, router: dict, num_cpus: int | None = None,
+                  http_port: int | None = None, group_threads: int | None = None):
     """A whole service in this process on loopback: Ray, `groups` expert-group actors (round-robin
-    placement), the router behind Serve's gRPC ingress. Yields "127.0.0.1:PORT"; tears it all down."""
+    placement), the router behind Serve's gRPC ingress (and its HTTP one on http_port, else a free
+    port). Yields "127.0.0.1:PORT" (gRPC); tears it all down."""
     import ray
     from ray import serve
 
@@ -147,10 +149,11 @@ def local_service(checkpoint: str, groups: int, router: dict, num_cpus: int | No
     try:
         table = PlacementTable.round_robin(spec, [f"pending:{g}" for g in range(groups)])
         actors = [ExpertGroupActor.remote(ExpertGroupConfig(str(checkpoint), table.slots_of(g), device="cpu",
-                                                            name=f"overload-{g}")) for g in range(groups)]
+                                                            name=f"overload-{g}", cpu_threads=group_threads))
+                  for g in range(groups)]
         table = PlacementTable(1, tuple(ray.get([a.start.remote() for a in actors], timeout=300)), table.replicas)
         port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port or free_port()},
                     grpc_options={"port": port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS})
         token_keys = ("api_token_sha256", "api_tokens_file", "api_tokens_env")
         unauthenticated = {} if any(k in router for k in token_keys) else {"allow_unauthenticated": True}  # loopback

@@ -39,6 +39,9 @@ class SimConfig:
     peak_tflops: float = 989.0  # H100 SXM dense bf16
     mfu: float = 0.4
     layer_overhead_us: float = 50.0  # per layer per pass: kernel launch + RPC
+    # the routers' part of a layer per pass (attention, norms, gate), an estimate for MLA decode of a 256-token
+    # batch on an H100; with two micro-batches in flight it overlaps the expert stage (capacity(overlap=True))
+    attention_us: float = 150.0
     tokens_per_gpu: int = 256  # tokens per forward pass per GPU (decode batch)
     link_gb_s: float = 25.0  # host -> GPU (or network) per GPU, GB/s
     drain_s: float = 0.5  # publish + routers leaving the old placement, after the weights load
@@ -63,7 +66,8 @@ class SimConfig:
                         ("--link-gb-s", self.link_gb_s), ("--load", self.load)):
             _number(flag, v, 0, strict=True)
         for flag, v in (("--shift-s", self.shift_s), ("--zipf", self.zipf), ("--drain-s", self.drain_s),
-                        ("--diurnal-period-s", self.diurnal_period_s), ("--layer-overhead-us", self.layer_overhead_us)):
+                        ("--diurnal-period-s", self.diurnal_period_s), ("--layer-overhead-us", self.layer_overhead_us),
+                        ("--attention-us", self.attention_us)):
             _number(flag, v, 0)
         _number("--mfu", self.mfu, 0, 1, strict=True)
         _number("--diurnal-low", self.diurnal_low, 0, 1)
@@ -103,11 +107,16 @@ class SimConfig:
     def pass_tokens(self) -> int:
         return self.tokens_per_gpu * self.gpus
 
-    def capacity(self, max_pairs_per_token: np.ndarray) -> float:
-        """Tokens/s of the cluster when layer l's busiest GPU gets max_pairs_per_token[l] pairs per token."""
-        pass_s = float((self.pass_tokens * max_pairs_per_token * self.pair_s).sum()) + \
-            self.layers * self.layer_overhead_us * 1e-6
-        return self.pass_tokens / pass_s
+    def capacity(self, max_pairs_per_token: np.ndarray, overlap: bool = False) -> float:
+        """Tokens/s of the cluster when layer l's busiest GPU gets max_pairs_per_token[l] pairs per token.
+        A layer is the routers' part (attention_us) then the expert stage (the busiest GPU + overhead); with
+        two micro-batches in flight (overlap) one half's expert stage runs while the other's attention
+        does, so a layer takes the slower of the two instead of their sum (MegaScale-Infer's ping-pong,
+        idealised: no cost to splitting the batch)."""
+        experts = self.pass_tokens * max_pairs_per_token * self.pair_s + self.layer_overhead_us * 1e-6  # [L]
+        attention = self.attention_us * 1e-6
+        pass_s = np.maximum(experts, attention) if overlap else experts + attention
+        return self.pass_tokens / float(pass_s.sum())
 
     @property
     def balanced_capacity(self) -> float:

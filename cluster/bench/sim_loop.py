@@ -57,10 +57,11 @@ class _Measure:
             per_token = placement.group_loads(self.config.top_k * p)  # [L, G] pairs per token
             mean = per_token.mean(axis=1).sum()
             self._memo = {k: v for k, v in self._memo.items() if k[1] == epoch}
-            self._memo[key] = (float(per_token.max(axis=1).sum() / mean),
-                               self.config.capacity(per_token.max(axis=1)), placement)
-        imbalance, capacity, _ = self._memo[key]
-        return imbalance, capacity
+            peak = per_token.max(axis=1)
+            self._memo[key] = (float(peak.sum() / mean), self.config.capacity(peak),
+                               self.config.capacity(peak, overlap=True), placement)
+        imbalance, capacity, overlapped, _ = self._memo[key]
+        return imbalance, capacity, overlapped
 
 
 def simulate(config: SimConfig, progress=None) -> dict:
@@ -114,21 +115,23 @@ def simulate(config: SimConfig, progress=None) -> dict:
                     progress(f"t={t:.0f} s: rebalance {len(rebalances)}, {int(per_gpu.sum())} weight loads, "
                              f"planned in {scaler.plan_wall_s[-1]:.1f} s wall")
         # the step [t, t + dt): the old placement until a move lands, the new one after
-        imb_e, cap_e = measure(elastic, epoch, p)
+        imb_e, cap_e, ovl_e = measure(elastic, epoch, p)
         if pending is not None and pending[0] < t + c.dt_s:
             f = max(0.0, pending[0] - t) / c.dt_s
             scaler.changed(pending[0])
             since, table, elastic = pending[0], pending[1], pending[2]
             next_round = max(next_round, pending[0] + acfg.interval_s)
             pending = None
-            imb_new, cap_new = measure(elastic, epoch, p)
+            imb_new, cap_new, ovl_new = measure(elastic, epoch, p)
             imb_e, cap_e = f * imb_e + (1 - f) * imb_new, f * cap_e + (1 - f) * cap_new
-        imb_s, cap_s = measure(static, epoch, p)
-        end_imb, _ = measure(elastic, epoch, p)
+            ovl_e = f * ovl_e + (1 - f) * ovl_new
+        imb_s, cap_s, _ = measure(static, epoch, p)
+        end_imb, _, _ = measure(elastic, epoch, p)
         served_e = min(offered, cap_e)
         window = (window + [served_e * c.top_k * p])[-window_n:]
         series.append({"t": t, "offered": offered, "imbalance_static": imb_s, "imbalance_elastic": imb_e,
-                       "capacity_static": cap_s, "capacity_elastic": cap_e, "served_static": min(offered, cap_s),
+                       "capacity_static": cap_s, "capacity_elastic": cap_e, "capacity_elastic_overlap": ovl_e,
+                       "served_static": min(offered, cap_s),
                        "served_elastic": served_e, "replicas": int((elastic.slots >= 0).sum()),
                        "weights_moved": int(moved), "gb_moved": gb, "action": action,
                        "end_imbalance": end_imb, "effective_since": since, "in_flight": pending is not None})
@@ -174,6 +177,9 @@ def _summary(c, acfg, trace, series, rebalances, plan_wall, wall_s) -> dict:
             "imbalance_static_p95": float(np.percentile(imb_s, 95)), "imbalance_elastic_mean": float(imb_e.mean()),
             "imbalance_elastic_p95": float(np.percentile(imb_e, 95)),
             "capacity_ratio_mean": float((cap_e / cap_s).mean()),
+            # per GPU, elastic placement: the expert stage after the routers' part, or overlapped with it
+            "tokens_per_s_per_gpu": float(cap_e.mean() / c.gpus),
+            "tokens_per_s_per_gpu_overlap": float(np.mean([r["capacity_elastic_overlap"] for r in series]) / c.gpus),
             "served_static": float(sum(r["served_static"] for r in series) * c.dt_s),
             "served_elastic": float(sum(r["served_elastic"] for r in series) * c.dt_s),
             "offered": float(sum(r["offered"] for r in series) * c.dt_s),

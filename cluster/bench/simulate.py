@@ -18,11 +18,13 @@ Defaults: a DeepSeek-V3-like shape (58 MoE layers x 256 experts, top-8, H 7168, 
       measure  imbalance (max/mean group load, load-weighted over layers) and capacity of the
                elastic and of the static placement, time-weighted over the step
 
-Capacity (expert FFN only): a forward pass carries tokens_per_gpu * G tokens; layer l takes its
-busiest GPU's (token, expert) pairs * pair_s + layer_overhead_us, where pair_s = 3 * 2 * H * F
-FLOPs / (peak_tflops * mfu); capacity = tokens per pass / sum over layers of that. Served =
-min(offered, capacity). Attention, dense layers, shared experts and all-to-all transfer time are
-not modelled (the overhead stands in for launch and RPC); the group count is fixed.
+Capacity: a forward pass carries tokens_per_gpu * G tokens; layer l takes attention_us (the
+routers' attention, norms and gate) plus its busiest GPU's (token, expert) pairs * pair_s +
+layer_overhead_us, where pair_s = 3 * 2 * H * F FLOPs / (peak_tflops * mfu); capacity = tokens per
+pass / sum over layers of that. With two micro-batches in flight a layer takes the larger of the
+two parts instead of their sum (reported beside it, per GPU). Served = min(offered, capacity).
+Shared experts and all-to-all transfer time are not modelled (the overhead stands in for launch
+and RPC); the group count is fixed.
 
 This module prints (header, table, summary) and is the CLI (add_arguments, run); the model is
 in sim_config.py (SimConfig, capacity), sim_trace.py (the trace) and sim_loop.py (every step).
@@ -64,8 +66,9 @@ def header(c: SimConfig) -> str:
         f"compute     3*2*H*F = {c.pair_flops / 1e6:.1f} MFLOP per (token, expert) at {c.peak_tflops:g} TFLOP/s x "
         f"MFU {c.mfu:g} = {c.pair_s * 1e6:.3f} us; + {c.layer_overhead_us:g} us per layer per pass (launch + RPC)",
         f"capacity    a pass = {c.tokens_per_gpu} tokens/GPU = {c.pass_tokens} tokens; a layer waits for its "
-        f"busiest GPU; balanced {c.balanced_capacity / 1e3:.1f}k tokens/s; attention, dense layers, "
-        "shared experts, all-to-all not modelled",
+        f"busiest GPU after the routers' {c.attention_us:g} us of attention per layer (overlapped with two "
+        f"micro-batches: the larger of the two); balanced {c.balanced_capacity / 1e3:.1f}k tokens/s; shared "
+        "experts, all-to-all not modelled",
         f"moves       {c.expert_bytes / 1e6:.1f} MB per replica (3*H*F*{c.dtype_bytes} B); each GPU loads its new "
         f"replicas over its own {c.link_gb_s:g} GB/s link; a move lands after the slowest GPU + {c.drain_s:g} s "
         "drain, the old placement serving until then",
@@ -110,6 +113,10 @@ def summary(result: dict) -> str:
         f"  imbalance        static mean {s['imbalance_static_mean']:.2f}, p95 {s['imbalance_static_p95']:.2f}; "
         f"elastic mean {s['imbalance_elastic_mean']:.2f}, p95 {s['imbalance_elastic_p95']:.2f}",
         f"  capacity         elastic / static, mean over steps: {s['capacity_ratio_mean']:.2f}x",
+        f"  per GPU          elastic {s['tokens_per_s_per_gpu'] / 1e3:.2f}k tokens/s; with two micro-batches in "
+        f"flight (expert stage overlapped with the routers' {c['attention_us']:g} us of attention per layer) "
+        f"{s['tokens_per_s_per_gpu_overlap'] / 1e3:.2f}k: "
+        f"{s['tokens_per_s_per_gpu_overlap'] / s['tokens_per_s_per_gpu']:.2f}x",
         f"  served           static {s['served_static'] / s['offered']:.1%} of offered tokens, "
         f"elastic {s['served_elastic'] / s['offered']:.1%}",
         f"  weights moved    {s['weights_moved']} replicas, {s['gb_moved']:.1f} GB, in {s['rebalances']} rebalance(s)",
@@ -149,6 +156,8 @@ def add_arguments(p) -> None:
         "peak_tflops": "GPU peak dense TFLOP/s at the weight dtype (H100 SXM bf16: 989)",
         "mfu": "fraction of peak the expert matmuls reach",
         "layer_overhead_us": "fixed time per MoE layer per pass: kernel launch + RPC",
+        "attention_us": "the routers' part of a layer per pass (attention, norms, gate); two micro-batches "
+                        "overlap it with the expert stage",
         "tokens_per_gpu": "tokens per forward pass per GPU (decode batch)",
         "link_gb_s": "GB/s each GPU loads expert weights at (host->GPU or network)",
         "drain_s": "seconds after the weights land until routers use the new placement",

@@ -37,6 +37,27 @@ def forward(self, hidden): return self.down(silu(self.gate(hidden)) * self.up(hi
 """
 
 
+# The chat template written beside the tokenizer (tokenizer_config.json, Hugging Face's place for it),
+# so the demo can serve /v1/chat/completions: a Zephyr-like layout, bos first, eos closing every turn
+# (where a trained model would learn to stop), and only the roles it knows.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('roles must be system, user or assistant, got ' + message['role']) }}"
+    "{% endif %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def tokenizer_config(max_positions: int) -> dict:
+    """tokenizer_config.json: what transformers' AutoTokenizer and chat templates read."""
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+            "model_max_length": max_positions, "add_bos_token": False, "chat_template": CHAT_TEMPLATE}
+
+
 def build_config(family: str, preset: str) -> dict:
     p = PRESETS[preset]
     config = {
@@ -163,5 +184,6 @@ def make_checkpoint(family: str, preset: str, out: str | Path, seed: int = 0, ma
     tok = build_tokenizer(spec.vocab_size)
     assert tok.get_vocab_size() <= spec.vocab_size
     tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(spec.max_position_embeddings), indent=2))
     log.info("wrote %s %s checkpoint (seed %d, %d shard(s)) to %s", family, preset, seed, len(shards), out)
     return out

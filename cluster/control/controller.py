@@ -44,8 +44,8 @@ from cluster.control.controller_repair import GroupRepair
 from cluster.control.controller_requests import ManualRequests
 from cluster.control.controller_scaling import Scaling
 from cluster.control.gpu_requests import GpuRequests
-from cluster.control.retiring import Retiring
 from cluster.control.rebalance import Rebalancer
+from cluster.control.retiring import Retiring
 from cluster.placement.table import PlacementTable
 from cluster.state.metrics import AutoscalerMetrics
 from cluster.state.store import ClusterState

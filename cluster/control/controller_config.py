@@ -41,6 +41,7 @@ class ControllerConfig:
     dtype: str | None = None
     group_host: str = "127.0.0.1"  # groups' bind address; "0.0.0.0" when routers run on other nodes
     group_cpu_threads: int | None = None  # ExpertGroupConfig.cpu_threads: torch threads per CPU group
+    pin_groups: bool = False  # group i on CPU core i mod (cores): each group its own compute, as with a GPU each
     num_gpus_per_group: float | None = None  # None = 1 when the cluster has GPUs, else 0
     max_group_restarts: int = 3  # Ray restarts of a group's process; -1 = unlimited
     group_start_timeout_s: float = 600.0  # start() loads weights: minutes for a large model

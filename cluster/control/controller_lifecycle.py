@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError
@@ -97,7 +98,9 @@ class GroupLifecycle:
         cfg = self.config
         group_config = ExpertGroupConfig(checkpoint=cfg.checkpoint, slots=slots, device=cfg.group_device,
                                          dtype=self.model_dtype(), host=cfg.group_host, name=name,
-                                         cpu_threads=cfg.group_cpu_threads, credentials=self.credentials)
+                                         cpu_threads=cfg.group_cpu_threads, credentials=self.credentials,
+                                         cpu_affinity=[int(name.rsplit("-", 1)[-1]) % os.cpu_count()]
+                                         if cfg.pin_groups else None)
         options = dict(name=name, max_restarts=cfg.max_group_restarts, max_task_retries=0)
         if num_gpus:
             options["num_gpus"] = num_gpus

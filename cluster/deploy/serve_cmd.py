@@ -2,7 +2,8 @@
 
     redis (embedded unless --redis-url) -> Ray (join --address, or start a local one)
     -> controller actor -> expert groups (loaded, serving) -> placement v1 in Redis
-    -> Serve gRPC ingress on --port -> RouterDeployment -> wait for Ctrl-C
+    -> Serve gRPC ingress on --port, HTTP (OpenAI-compatible) on --http-port -> RouterDeployment
+    -> wait for Ctrl-C
     -> Serve down, groups and controller killed, redis stopped
 
 The controller repairs groups and runs the autoscaler on its own loop; this process
@@ -29,6 +30,13 @@ def add_arguments(p) -> None:
     p.add_argument("--checkpoint", required=True, help="Hugging Face MoE checkpoint directory")
     p.add_argument("--groups", type=int, default=2, help="expert groups to start (default 2)")
     p.add_argument("--port", type=int, default=9000, help="client gRPC port (default 9000)")
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="OpenAI-compatible HTTP API port (default 8000; 0 = off: Serve's HTTP proxy then listens on "
+                        "a free loopback port)")
+    p.add_argument("--http-host", default="0.0.0.0",
+                   help="address the HTTP API binds (default 0.0.0.0, every interface, like the gRPC port)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the `model` clients of the HTTP API name (default: the checkpoint folder's name)")
     p.add_argument("--redis-url", default=None,
                    help="shared state; default: a private redis-server on a free local port, stopped on exit")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
@@ -83,6 +91,8 @@ def run(args) -> int:
         raise ValueError(f"--groups must be >= 1, got {args.groups}")
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port must be in [1, 65535], got {args.port}")
+    if not 0 <= args.http_port <= 65535 or args.http_port == args.port:
+        raise ValueError(f"--http-port must be in [0, 65535] (0 = off) and not --port, got {args.http_port}")
     from cluster.checkpoint.reader import Checkpoint
 
     spec = Checkpoint(args.checkpoint).spec  # fail in one line on a bad checkpoint, before starting anything
@@ -96,7 +106,7 @@ def run(args) -> int:
     # The local Ray started below (raylet, workers) inherits this environment: keep the raw tokens out of it.
     os.environ.pop(TOKENS_ENV, None)
     # Without tokens the router serves unauthenticated by explicit choice (printed below), never by default.
-    router_settings = {"metrics_port": args.metrics_port,
+    router_settings = {"metrics_port": args.metrics_port, "served_model_name": args.served_model_name,
                        **({"api_token_sha256": digests} if digests else {"allow_unauthenticated": True})}
 
     import ray
@@ -133,7 +143,9 @@ def run(args) -> int:
         for g in summary["groups"]:
             print(f"  {g['name']}: {g['address']} ({g['slots']} experts)", file=sys.stderr)
         placement = ray.get(controller.placement.remote())
-        serve.start(http_options={"host": "127.0.0.1", "port": free_port()},  # HTTP unused: clients speak gRPC
+        http = ({"host": args.http_host, "port": args.http_port} if args.http_port
+                else {"host": "127.0.0.1", "port": free_port()})  # off: nothing listens beyond loopback
+        serve.start(http_options=http,
                     grpc_options={"port": args.port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS})
         credentials = ray.get(controller.router_credentials.remote())
         router_settings["dtype"] = ray.get(controller.model_dtype.remote())  # the cluster's, set once
@@ -144,8 +156,16 @@ def run(args) -> int:
         auth_line = (f"bearer token required ({len(auth)} token(s), fingerprint {auth.fingerprint}), health checks "
                      f"open" if auth else "OFF, allow_unauthenticated: anyone who reaches the port may call it "
                      "(give --api-tokens-file or $ELASTICMOE_API_TOKENS)")
-        print(f"client API authentication: {auth_line}; gRPC is plaintext: for other hosts put a TLS proxy in "
-              f"front (README, Security)", file=sys.stderr)
+        print(f"client API authentication: {auth_line}; gRPC and HTTP are plaintext: for other hosts put a TLS proxy "
+              f"in front (README, Security)", file=sys.stderr)
+        if args.http_port:
+            from router_service.serving.router_config import served_model
+
+            model = served_model(str(args.checkpoint), args.served_model_name)
+            print(f"OpenAI-compatible HTTP API on http://{args.http_host}:{args.http_port}/v1 (model {model!r}); "
+                  f"try: curl http://127.0.0.1:{args.http_port}/v1/completions -H 'content-type: application/json' "
+                  f"-d '{{\"model\": \"{model}\", \"prompt\": \"Mixture\", \"max_tokens\": 8}}'",
+                  file=sys.stderr)
         print(f"serving elasticmoe.v1.MoEService on port {args.port}; Ctrl-C stops\n"
               f"  try: moectl generate --address 127.0.0.1:{args.port} \"Mixture-of-Experts\"\n"
               f"       moectl placement show    (autoscaler: {'on' if autoscaler.enabled else 'off'}; groups: "

@@ -30,6 +30,9 @@ class EngineConfig:
     kv_cache_bytes: int | None = None  # the KV pool's size; None: see the module docstring
     kv_cache_fraction: float = 0.5  # on CUDA without kv_cache_bytes: this much of the free memory
     block_size: int = DEFAULT_BLOCK_SIZE  # tokens per KV block
+    # 2: the step's batch runs as two micro-batches, one computing while the other's tokens are at the
+    # expert groups (engine/pipeline.py); only with experts that can be waited on (RemoteExperts)
+    micro_batches: int = 1
 
     def __post_init__(self):
         if self.kv_cache_bytes is not None and (not _is_int(self.kv_cache_bytes) or self.kv_cache_bytes < 1):
@@ -38,6 +41,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_fraction must be in (0, 0.95], got {self.kv_cache_fraction!r}")
         if not _is_int(self.block_size) or not 1 <= self.block_size <= 1024:
             raise ValueError(f"block_size must be an int in [1, 1024], got {self.block_size!r}")
+        if self.micro_batches not in (1, 2):
+            raise ValueError(f"micro_batches must be 1 or 2, got {self.micro_batches!r}")
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
 

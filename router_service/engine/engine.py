@@ -57,7 +57,7 @@ class Engine:
         self.pool = kv_pool(dense, config)
         self.blocks = BlockManager(self.pool.num_blocks, self.pool.block_size)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
-        self.runner = ModelRunner(dense, experts, self.pool)
+        self.runner = ModelRunner(dense, experts, self.pool, config.micro_batches)
         log.info("engine: KV pool of %d blocks x %d tokens (%.1f MiB, %s on %s): %d tokens at once",
                  self.pool.num_blocks, self.pool.block_size, self.pool.num_bytes / 2**20, dense.dtype, dense.device,
                  self.pool.num_blocks * self.pool.block_size)
@@ -170,11 +170,12 @@ class Engine:
                 self.scheduler.finish(seq)
                 seq.emit(Event([], seq.scores, "stop"))
         elif out.tokens[i] is not None:
-            self._append(seq, out.tokens[i], out.logprobs[i])
+            self._append(seq, out.tokens[i], out.logprobs[i], out.top[i] if out.top else None)
 
-    def _append(self, seq: Sequence, token: int, logprob: float | None) -> None:
+    def _append(self, seq: Sequence, token: int, logprob: float | None, top=None) -> None:
         params = seq.params
-        stop = token in params.stop_set or (self.config.stop_at_eos and token == self.spec.eos_token_id)
+        stop = token in params.stop_set or (self.config.stop_at_eos and not params.ignore_eos
+                                            and token == self.spec.eos_token_id)
         if stop:
             reason = "stop"
         else:
@@ -183,7 +184,8 @@ class Engine:
             reason = "length" if len(seq.output) >= params.max_tokens or full else None
         if reason is not None:
             self.scheduler.finish(seq)
-        seq.emit(Event([] if stop else [token], [] if stop or logprob is None else [logprob], reason))
+        seq.emit(Event([] if stop else [token], [] if stop or logprob is None else [logprob], reason,
+                       top_logprobs=[] if stop or top is None else [top]))
 
     def _fail(self, seq: Sequence, error: BaseException) -> None:
         if seq in self.scheduler.running:

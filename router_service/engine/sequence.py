@@ -20,6 +20,7 @@ class Event:
     logprobs: list[float]
     finish_reason: str | None = None  # "stop" | "length" on the last event
     error: BaseException | None = None
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token: (id, logprob), best first
 
 
 @dataclass

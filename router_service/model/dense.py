@@ -19,7 +19,8 @@ run this same code.
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol
+import contextlib
+from typing import Callable, Generator, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -105,8 +106,23 @@ class DenseModel:
 
         The context knows which sequence each row belongs to and where it sits (attn.positions).
         With logit_rows [R], only those rows go through the LM head: logits [R, V]
-        (a prefill chunk needs one row, not one per prompt token).
+        (a prefill chunk needs one row, not one per prompt token). The experts are called in
+        place, one MoE layer after another (stages() is the same pass, yielding at each one).
         """
+        stages = self.stages(input_ids, attn, logit_rows)
+        with expert_step(experts):
+            call = next(stages)
+            while True:
+                try:
+                    call = stages.send(experts(*call))
+                except StopIteration as done:
+                    return done.value
+
+    def stages(self, input_ids: torch.Tensor, attn: AttentionContext,
+               logit_rows: torch.Tensor | None = None) -> Generator[ExpertCall, torch.Tensor, torch.Tensor]:
+        """forward() as a generator: yields (layer, x [T, H], ids [T, k], weights [T, k]) at every MoE
+        layer, takes that layer's expert output [T, H] back through send(), and returns the logits.
+        A driver can keep several of these in flight (engine/pipeline.py: two micro-batches)."""
         s = self.spec
         cos, sin = self.rope(attn.positions)
         h = F.embedding(input_ids, self.t["model.embed_tokens.weight"])  # [T, H]
@@ -116,7 +132,7 @@ class DenseModel:
             x = rms_norm(h, self._w(layer, "post_attention_layernorm.weight"), s.rms_norm_eps)
             if s.is_sparse(layer):
                 ids, weights = self.gate(layer, x)
-                ffn = experts(layer, x, ids, weights)
+                ffn = yield ExpertCall(layer, x, ids, weights)
                 if s.has_shared_expert:
                     ffn = ffn + self.shared_expert(layer, x)
             else:
@@ -127,3 +143,18 @@ class DenseModel:
             h = h[logit_rows]
         h = rms_norm(h, self.t["model.norm.weight"], s.rms_norm_eps)
         return linear(h, self.lm_head)  # [T or R, V]
+
+
+class ExpertCall(NamedTuple):
+    """What a MoE layer asks of the experts stage: experts(*call) -> [T, H]."""
+
+    layer: int
+    x: torch.Tensor  # [T, H] normed hidden states
+    ids: torch.Tensor  # [T, k] expert ids
+    weights: torch.Tensor  # [T, k] routing weights, fp32
+
+
+def expert_step(experts):
+    """The experts' step context (RemoteExperts.step: one placement for a whole step), or none."""
+    step = getattr(experts, "step", None)
+    return step() if step is not None else contextlib.nullcontext()

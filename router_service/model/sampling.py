@@ -38,6 +38,7 @@ from dataclasses import InitVar, dataclass, field
 import torch
 
 MAX_SEED = 2**64 - 1  # proto `uint64 seed`; torch.Generator.manual_seed accepts [0, 2**64)
+MAX_TOP_LOGPROBS = 20  # alternatives reported per token: OpenAI's chat bound (and vLLM's default)
 
 
 class SamplingError(ValueError):
@@ -70,6 +71,8 @@ class SamplingParams:
     seed: int | None = None  # in [0, 2**64); None = a random seed
     stop_token_ids: tuple[int, ...] = ()
     logprobs: bool = False
+    top_logprobs: int = 0  # the k most likely tokens (and their logprobs) after each new one; needs logprobs
+    ignore_eos: bool = False  # generate past the model's eos token (fixed-length outputs, for benchmarks)
     max_tokens_limit: InitVar[int | None] = None
     stop_set: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
 
@@ -98,6 +101,13 @@ class SamplingParams:
         object.__setattr__(self, "stop_set", frozenset(stops))  # the engine checks each token in O(1)
         if not isinstance(self.logprobs, bool):
             raise SamplingError("logprobs", f"logprobs must be a bool, got {self.logprobs!r}")
+        if not (_is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS):
+            raise SamplingError("top_logprobs", f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], "
+                                                f"got {self.top_logprobs!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise SamplingError("ignore_eos", f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        if self.top_logprobs and not self.logprobs:
+            raise SamplingError("top_logprobs", "top_logprobs needs logprobs set to true")
 
     @property
     def greedy(self) -> bool:
@@ -112,6 +122,12 @@ def make_generator(seed: int | None = None, device: str | torch.device = "cpu") 
     else:
         gen.manual_seed(seed)
     return gen
+
+
+def top_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most likely tokens of each row under the unmodified model distribution, as `sample`'s
+    logprobs: logits [B, V] -> (logprobs [B, k] fp32, descending; token ids [B, k] int64)."""
+    return torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
 
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],

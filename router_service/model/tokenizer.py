@@ -17,8 +17,9 @@ class Tokenizer:
         file = Path(path) / "tokenizer.json"
         return cls(_HFTokenizer.from_file(str(file))) if file.is_file() else None
 
-    def encode(self, text: str) -> list[int]:
-        return self.inner.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """add_special_tokens=False for text that already holds them (a rendered chat template)."""
+        return self.inner.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.inner.decode(ids)

@@ -198,3 +198,6 @@ def _api_error(e: Exception) -> ApiError:
     incident = uuid.uuid4().hex[:12]  # the server's own failure: its text stays in the log
     log.error("request failed with an internal error (incident %s)", incident, exc_info=e)
     return ApiError(grpc.StatusCode.INTERNAL, f"internal error (incident {incident}); the router's log has it")
+
+
+api_error = _api_error  # public: the OpenAI-compatible API maps the engine's failures the same way (openai_choices.py)

@@ -1,11 +1,14 @@
-"""RouterDeployment: the router as a Ray Serve deployment behind Serve's gRPC ingress.
+"""RouterDeployment: the router as a Ray Serve deployment behind Serve's gRPC and HTTP ingress.
 
     client --gRPC--> Serve proxy (port 9000) --> RouterDeployment replica
+    client --HTTP--> Serve proxy (port 8000) -->   (the same replica: OpenAI API, openai_api.py)
                      MoEApi -> Engine -> DenseModel + RemoteExperts --gRPC--> expert groups
 
 Serve forwards each registered service's methods to the deployment method of the same
 name, so `Generate`, `Score`, `Status` (elasticmoe.v1.MoEService) and `Check`
-(grpc.health.v1.Health) are plain methods here. Serve's ingress is for client traffic
+(grpc.health.v1.Health) are plain methods here. HTTP goes to the ASGI app that
+`__serve_build_asgi_app__` builds once the router is up (`serve.ingress()` late-bound, as
+Ray Serve's LLM server does), so both protocols share one engine and one KV pool. Serve's ingress is for client traffic
 only: router -> expert traffic goes over RemoteExperts' own channels (~0.37 ms a call
 against ~4 ms through Serve, DESIGN.md).
 """
@@ -21,6 +24,8 @@ from ray import serve
 from experts.credentials import ExpertCredentials, RouterCredentials
 from router_service.serving.api import ApiError
 from router_service.serving.auth import AuthError
+from router_service.serving.chat_template import ChatTemplate
+from router_service.serving.openai_api import build_openai_app
 from router_service.serving.router import Router
 from router_service.serving.router_config import RouterConfig
 
@@ -52,6 +57,7 @@ GRPC_SERVICER_FUNCTIONS = [
 # health_check_period_s: Serve's controller finds a dead replica at its next check; at the default 10 s
 # a killed router took 6-12 s to be replaced (tests/integration/test_router_fault_ray.py), most of it waiting for that.
 @serve.deployment(name="router", max_ongoing_requests=512, max_queued_requests=1024, health_check_period_s=2.0)
+@serve.ingress()
 class RouterDeployment:
     def __init__(self, config: dict, credentials: RouterCredentials | None = None):
         router_config = RouterConfig.from_dict(config)
@@ -64,6 +70,16 @@ class RouterDeployment:
             log.info("client API authentication on: %d token(s), fingerprint %s", len(self.auth),
                      self.auth.fingerprint)
         self.router = Router(router_config, credentials)
+        self.config = router_config
+
+    def __serve_build_asgi_app__(self):
+        """The HTTP (OpenAI-compatible) app of this replica; Serve calls it once, after __init__."""
+        template = ChatTemplate.from_dir(self.config.checkpoint)
+        log.info("OpenAI-compatible HTTP API: model %r, chat template %s", self.config.model_name,
+                 "from the checkpoint" if template else "none (chat completions refused)")
+        return build_openai_app(self.router.api, template, self.auth, self.config.model_name,
+                                lambda: self.router.experts.table.version, self.router.serving,
+                                MAX_CLIENT_MESSAGE_BYTES)
 
     def _authenticate(self, grpc_context) -> None:
         """Raise AuthError unless the call carries a valid token. Serve hands the deployment a

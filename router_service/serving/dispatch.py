@@ -10,7 +10,7 @@ T = tokens in the step, k = experts per token, H = hidden, E = experts per layer
 
 A group whose Forward fails (dead, or missing an expert after a placement change) is
 retried on another replica of each of its experts within the same deadline, and avoided
-for DOWN_S seconds; an expert with no live replica fails the layer with UNAVAILABLE
+for DOWN_S seconds (channels.py); an expert with no live replica fails the layer with UNAVAILABLE
 naming the (layer, expert) pairs. A group that has not answered after slow_s
 (RouterConfig.forward_slow_s) is treated the same way when every pair it was sent has a
 replica elsewhere: its call is cancelled and the pairs move. Without another replica the
@@ -19,29 +19,29 @@ router waits for it, up to the deadline: slow beats failed.
 Which group serves each pair (shares, retries on other replicas, avoiding down groups) is
 policy in routes.py; this file does the transport: the fan-out, deadlines and failures.
 
-Every call also counts the (token, expert) pairs routed per expert (`take_load()`),
-which the router's telemetry reporter flushes to Redis for the autoscaler.
-The dense model calls this synchronously; the gRPC calls run on one asyncio loop in
-a background thread that owns the persistent channels (grpc.aio objects belong to
-the loop that made them).
+Every call counts the pairs routed per expert (`take_load()`, flushed to Redis by the telemetry
+reporter). The engine submits a layer and waits on its result, inside step(); the gRPC calls run
+on one asyncio loop in a background thread that owns the channels (channels.py).
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import threading
 import time
 
 import grpc
 import torch
-from elasticmoe.v1 import expert_pb2, expert_pb2_grpc
+from elasticmoe.v1 import expert_pb2
 
 from cluster.checkpoint.spec import ModelSpec
 from cluster.placement.table import PlacementTable
-from experts.credentials import RouterCredentials, call_metadata, channel
-from experts.wire import GRPC_OPTIONS, decode, encode, to_device, to_host
+from experts.credentials import RouterCredentials
+from experts.wire import decode, encode, to_device, to_host
+from router_service.serving.channels import GroupChannels
 from router_service.serving.routes import Routes, avoid, choose_groups, compile_routes, first_replica
 
-DOWN_S = 2.0  # after a failed Forward, a group gets no traffic for this long when another replica exists
 # Failures another replica would repeat (a bad or oversized request, the router lacking the cluster secret, an
 # API the group does not have): fail the layer at once instead of marking groups down one after another.
 PERMANENT = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
@@ -64,31 +64,28 @@ class RemoteExperts:
                  credentials: RouterCredentials | None = None, slow_s: float = 2.0, on_stale=None):
         table.validate(spec)
         self.spec, self.timeout_s, self.slow_s = spec, timeout_s, slow_s
-        self._metadata = call_metadata(credentials)  # the data-plane secret, on every call
-        self._credentials = credentials
         self.on_forward = on_forward  # (group address, seconds, "ok" | "failed" | "slow") after every Forward: metrics
         self.on_stale = on_stale  # a group says our placement is stale (FAILED_PRECONDITION): refresh it
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="expert-dispatch", daemon=True)
         self._thread.start()
-        self._stubs: dict[str, expert_pb2_grpc.ExpertServiceStub] = {}
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._groups = GroupChannels(credentials)  # used on self._loop only
         self._layer_index = {layer: i for i, layer in enumerate(spec.sparse_layers)}
         self._load = torch.zeros(len(spec.sparse_layers), spec.num_experts, dtype=torch.int64)
         self._load_lock = threading.Lock()
         self._step_version: int | None = None  # the placement of the step in flight; None between steps
-        self._down: dict[str, float] = {}  # address -> until when it is avoided after a failed Forward
+        self._step_depth = 0  # step() contexts open (the engine thread's)
         self.set_table(table)
 
     def set_table(self, table: PlacementTable) -> None:
         """Switch to a new placement at the next step boundary (any thread may call this).
 
-        The new routes are adopted when a step reaches its first MoE layer, so the layers
-        of one step never mix two placements; the old replicas stay loaded until drained.
+        The new routes are adopted when the next step() begins, so the layers of one step
+        never mix two placements; the old replicas stay loaded until drained.
         """
         table.validate(self.spec)
         routes = compile_routes(self.spec, table)
-        self._run(self._connect(table.groups))
+        self._run(self._groups.connect(table.groups))
         self._pending = routes
         if not hasattr(self, "_routes"):
             self._routes = self._pending
@@ -123,55 +120,57 @@ class RemoteExperts:
         nonzero = load.nonzero().tolist()
         return {(self.spec.sparse_layers[i], e): int(load[i, e]) for i, e in nonzero}
 
-    async def _connect(self, addresses) -> None:
-        for address in addresses:
-            if address not in self._channels:
-                self._channels[address] = channel(address, self._credentials, GRPC_OPTIONS)
-                self._stubs[address] = expert_pb2_grpc.ExpertServiceStub(self._channels[address])
-
     async def _close_unused(self) -> None:
-        """Close the channels of groups neither the placement in use nor the next one names (removed or
-        restarted on a new port): one channel per group that ever existed would otherwise pile up."""
-        keep = set(self._routes.table.groups) | set(self._pending.table.groups)
-        for address in [a for a in self._channels if a not in keep]:
-            self._stubs.pop(address)
-            await self._channels.pop(address).close()
-            self._down.pop(address, None)
+        """Channels to groups neither the placement in use nor the next one names are closed."""
+        await self._groups.close_unused(set(self._routes.table.groups) | set(self._pending.table.groups))
 
     def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [T, H], ids [T, k], weights [T, k] -> sum of weighted expert outputs [T, H] (on x's device).
-
-        On a GPU the three go to the host once (pinned), every group's part is cut from there,
-        and the combined output goes back up once: routing tables and payloads live on the host."""
-        device = x.device
-        x, ids, weights = to_host(x), to_host(ids), to_host(weights)
-        if layer == self.spec.sparse_layers[0]:
+    @contextlib.contextmanager
+    def step(self):
+        """One engine step: the placement handed over last is adopted here, and every MoE layer of
+        every micro-batch of the step uses it (re-entrant: a step inside a step is the same step).
+        Explicit, not inferred from the layer: two micro-batches in flight interleave their layers."""
+        self._step_depth += 1
+        if self._step_depth == 1:
             if self._routes is not self._pending:  # a step boundary with a new placement
                 self._routes = self._pending
                 self._run(self._close_unused())
             self._step_version = self._routes.table.version
+        try:
+            yield
+        finally:
+            self._step_depth -= 1
+            if self._step_depth == 0:
+                self._step_version = None  # between steps: version_in_use is the pending one
+
+    def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> "ExpertResult":
+        """Send one MoE layer's tokens to the groups and return at once; .result() waits for the
+        combined output [T, H] (on x's device). Call inside step().
+
+        On a GPU the three go to the host once (pinned), every group's part is cut from there,
+        and the combined output goes back up once: routing tables and payloads live on the host."""
+        assert self._step_depth > 0, "RemoteExperts.submit outside step()"
+        device = x.device
+        x, ids, weights = to_host(x), to_host(ids), to_host(weights)
         routed = torch.bincount(ids.flatten(), minlength=self.spec.num_experts)
         with self._load_lock:
             self._load[self._layer_index[layer]] += routed
-        try:
-            out = self._run(self._forward(self._routes, layer, x, ids, weights))
-        except BaseException:
-            self._step_version = None  # the step is over: the engine fails its sequences
-            raise
-        if layer == self.spec.sparse_layers[-1]:
-            self._step_version = None
-        return to_device(out, device)
+        future = asyncio.run_coroutine_threadsafe(self._forward(self._routes, layer, x, ids, weights), self._loop)
+        return ExpertResult(future, device)
+
+    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H], ids [T, k], weights [T, k] -> sum of weighted expert outputs [T, H]: submit and wait."""
+        with self.step():
+            return self.submit(layer, x, ids, weights).result()
 
     async def _forward(self, routes: Routes, layer, x, ids, weights) -> torch.Tensor:
         pending = choose_groups(routes, layer, ids)  # [T, k] group of each pair; -1 = done
         # a group that failed in the last DOWN_S seconds gets no pairs that have another replica,
         # so one dead group does not cost every step a failed call
-        now = time.monotonic()
         pending = avoid(routes, layer, ids, pending,
-                        [g for g, a in enumerate(routes.table.groups) if self._down.get(a, 0) > now])
+                        [g for g, a in enumerate(routes.table.groups) if self._groups.down(a)])
         out = torch.zeros_like(x)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
@@ -197,17 +196,22 @@ class RemoteExperts:
                 # that just refused its own would leave them no replica (found by the soak).
                 slow = {parts[t][0]: DispatchError(routes.table.groups[parts[t][0]], grpc.StatusCode.DEADLINE_EXCEEDED,
                                                    f"no answer within forward_slow_s={self.slow_s} s") for t in waiting}
+                # Nor does a group that has not answered since its last failure (down, or back from a
+                # restart that may still be under way): slow beats failed, so only a group known to
+                # answer may take a slow group's pairs.
                 just_failed = {parts[t][0]: t.exception() for t in done if t.exception() is not None}
+                down = {g: None for g, a in enumerate(routes.table.groups) if self._groups.unproven(a)}
                 keep = set()
                 for task in waiting:
                     g, rows, mine = parts[task]
-                    moved = self._alternative(routes, layer, ids, mine, {**failed, **just_failed, **slow}, strict=False)
+                    gone = {**down, **failed, **just_failed, **slow}
+                    moved = self._alternative(routes, layer, ids, mine, gone, strict=False)
                     if moved is None:
                         keep.add(task)
                         continue
                     task.cancel()
                     failed[g] = slow[g]
-                    self._mark_down(routes.table.groups[g])
+                    self._groups.failed(routes.table.groups[g])
                     self._observe(g, self.slow_s, "slow")
                     retry[mine] = moved[mine]
                 if keep:
@@ -222,7 +226,7 @@ class RemoteExperts:
                 if error is not None:
                     # the group is gone or out of date: its pairs go to another replica
                     failed[g] = error
-                    self._mark_down(routes.table.groups[g])
+                    self._groups.failed(routes.table.groups[g])
                     if error.code == grpc.StatusCode.FAILED_PRECONDITION and self.on_stale is not None:
                         self.on_stale()  # our placement is older than the group's slots: fetch the new one
             for task, error in errors.items():
@@ -255,17 +259,16 @@ class RemoteExperts:
                                 f"{what} ({why})", public=what)
         return choice
 
-    def _mark_down(self, address: str) -> None:
-        self._down[address] = time.monotonic() + DOWN_S
-
     async def _call(self, group: int, address: str, request, timeout_s: float) -> torch.Tensor:
         start = time.perf_counter()
         try:
-            response = await self._stubs[address].Forward(request, timeout=timeout_s, metadata=self._metadata)
+            response = await self._groups.stubs[address].Forward(request, timeout=timeout_s,
+                                                                 metadata=self._groups.metadata)
         except grpc.aio.AioRpcError as e:
             self._observe(group, time.perf_counter() - start, "failed")
             raise DispatchError(address, e.code(), e.details()) from None
         self._observe(group, time.perf_counter() - start, "ok")
+        self._groups.answered(address)
         return decode(response.output, "output")
 
     def _observe(self, group: int, seconds: float, outcome: str) -> None:
@@ -275,25 +278,22 @@ class RemoteExperts:
 
     def group_stats(self, timeout_s: float = 1.0) -> dict[str, expert_pb2.StatsResponse | None]:
         """Stats of every group in the latest placement; None for a group that did not answer in time."""
-        addresses = list(self.latest_table.groups)
-
-        async def ask(address):
-            try:
-                return await self._stubs[address].Stats(expert_pb2.StatsRequest(), timeout=timeout_s,
-                                                        metadata=self._metadata)
-            except grpc.aio.AioRpcError:
-                return None
-
-        async def ask_all():
-            return await asyncio.gather(*(ask(a) for a in addresses))
-
-        return dict(zip(addresses, self._run(ask_all())))
+        return self._run(self._groups.stats(list(self.latest_table.groups), timeout_s))
 
     def close(self) -> None:
-        async def _close():
-            for ch in self._channels.values():
-                await ch.close()
-
-        self._run(_close())
+        self._run(self._groups.close())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+
+
+class ExpertResult:
+    """A layer's expert output on its way back: .result() waits for it, on the caller's device."""
+
+    def __init__(self, future: concurrent.futures.Future, device: torch.device):
+        self._future, self._device = future, device
+
+    def result(self) -> torch.Tensor:
+        return to_device(self._future.result(), self._device)
+
+    def cancel(self) -> None:
+        self._future.cancel()

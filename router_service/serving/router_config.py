@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -32,6 +33,11 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def served_model(checkpoint: str, served_model_name: str | None = None) -> str:
+    """The `model` of the OpenAI-compatible API: served_model_name, else the checkpoint folder's name."""
+    return served_model_name or Path(checkpoint).resolve().name
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     checkpoint: str
@@ -45,6 +51,7 @@ class RouterConfig:
     kv_cache_bytes: int | None = None
     kv_cache_fraction: float = 0.5
     kv_block_size: int = 16
+    micro_batches: int = 1  # 2: two micro-batches in flight, hiding the expert hop (engine/pipeline.py)
     max_running: int = 64
     max_step_tokens: int = 512
     prefill_chunk: int = 256
@@ -67,6 +74,8 @@ class RouterConfig:
     api_token_sha256: tuple[str, ...] = ()  # SHA-256 hex of accepted tokens (moectl serve: no raw token in Ray)
     api_tokens_file: str | None = None  # read on each replica at start (Kubernetes: a mounted Secret)
     api_tokens_env: str | None = None  # an environment variable of the replica: comma-separated tokens
+    # The `model` of the OpenAI-compatible HTTP API (/v1/models); None: the checkpoint folder's name.
+    served_model_name: str | None = None
     # No token source and this False: the replica refuses to start (client_auth()). Serving without
     # authentication is a choice made here, by name, never the result of a missing or empty setting.
     allow_unauthenticated: bool = False
@@ -93,6 +102,9 @@ class RouterConfig:
             raise ValueError("allow_unauthenticated is true but a token source (api_token_sha256, api_tokens_file, "
                              "api_tokens_env) is set too: remove one of them")
         PlacementTable.from_json(self.placement)
+        if self.served_model_name is not None and not (isinstance(self.served_model_name, str)
+                                                       and self.served_model_name.strip()):
+            raise ValueError(f"served_model_name must be a non-empty string or None, got {self.served_model_name!r}")
         if not isinstance(self.max_step_tokens, int) or not 1 <= self.max_step_tokens <= MAX_FORWARD_TOKENS:
             raise ValueError(f"max_step_tokens must be an int in [1, {MAX_FORWARD_TOKENS}] (the largest Forward an "
                              f"expert group accepts), got {self.max_step_tokens!r}")
@@ -105,6 +117,10 @@ class RouterConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "RouterConfig":
         return config_from_dict(cls, d)
+
+    @property
+    def model_name(self) -> str:
+        return served_model(self.checkpoint, self.served_model_name)
 
     def has_token_source(self) -> bool:
         return bool(self.api_token_sha256) or self.api_tokens_file is not None or self.api_tokens_env is not None
@@ -124,4 +140,5 @@ class RouterConfig:
     def engine_config(self) -> EngineConfig:
         return EngineConfig(SchedulerConfig(self.max_running, self.max_step_tokens, self.prefill_chunk, self.max_queue),
                             max_new_tokens=self.max_new_tokens, kv_cache_bytes=self.kv_cache_bytes,
-                            kv_cache_fraction=self.kv_cache_fraction, block_size=self.kv_block_size)
+                            kv_cache_fraction=self.kv_cache_fraction, block_size=self.kv_block_size,
+                            micro_batches=self.micro_batches)

@@ -32,6 +32,7 @@ class Routes:
     table: PlacementTable
     replica_groups: dict[int, torch.Tensor]  # layer -> [E, R] group ids, padded by repeating the last
     cumulative_shares: dict[int, torch.Tensor]  # layer -> [E, R] running sum of shares, padded with 1.0
+    first_group: dict[int, torch.Tensor] = None  # layer -> [E] the group of each expert's first replica
 
 
 def _pad(values, width: int, fill) -> list:
@@ -46,11 +47,13 @@ def compile_routes(spec: ModelSpec, table: PlacementTable) -> Routes:
         groups[layer] = torch.tensor([_pad(table.replicas[s], width, table.replicas[s][-1]) for s in slots])
         running = [torch.tensor(table.shares_of(s), dtype=torch.float64).cumsum(0).tolist() for s in slots]
         cumulative[layer] = torch.tensor([_pad(r[:-1] + [1.0], width, 1.0) for r in running])  # last = 1 exactly
-    return Routes(table, groups, cumulative)
+    return Routes(table, groups, cumulative, {layer: g[:, 0].contiguous() for layer, g in groups.items()})
 
 
 def choose_groups(routes: Routes, layer: int, ids: torch.Tensor) -> torch.Tensor:
     """ids [T, k] -> the group of every pair [T, k], an expert's tokens split by its replicas' shares."""
+    if routes.replica_groups[layer].shape[1] == 1:  # one replica each: a lookup, no share math
+        return routes.first_group[layer][ids]
     u = ((torch.arange(ids.shape[0], dtype=torch.float64) + 0.5) * _GOLDEN) % 1.0  # [T] in (0, 1)
     cumulative = routes.cumulative_shares[layer][ids]  # [T, k, R]
     replica = (cumulative <= u[:, None, None]).sum(-1).clamp(max=cumulative.shape[-1] - 1)  # [T, k]

@@ -22,7 +22,8 @@ CRD_DIR = Path(__file__).resolve().parents[3] / "shared" / "kuberay-crds"
 KUBECTL = shutil.which("kubectl")
 NAMESPACE = "elasticmoe"
 # Secrets the gpu overlay expects to exist, created as k8s/README.md says (never in git).
-EXTERNAL_SECRETS = {("elasticmoe-redis", "password"), ("elasticmoe-redis", "url")}
+# created by hand before the gpu overlay is applied (k8s/README.md, step 2), never kept in git
+EXTERNAL_SECRETS = {("elasticmoe-redis", "password"), ("elasticmoe-redis", "url"), ("elasticmoe-api-tokens", "tokens")}
 ROLE = "elasticmoe.io/role"
 
 

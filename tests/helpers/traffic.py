@@ -10,7 +10,7 @@ import random
 import threading
 import time
 
-from cluster.bench.skew import hot_tokens  # noqa: F401  (re-exported for the tests)
+from cluster.bench.skew_traffic import hot_tokens  # noqa: F401  (re-exported for the tests)
 from router_service.model.reference import ReferenceModel
 from router_service.model.sampling import SamplingParams
 

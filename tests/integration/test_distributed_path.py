@@ -102,14 +102,15 @@ def test_new_placement_is_adopted_at_a_step_boundary(tiny_checkpoint):
     try:
         x, ids, w = torch.randn(2, ckpt.spec.hidden_size), torch.tensor([[0, 1], [2, 3]]), torch.full((2, 2), 0.5)
         last_layer = ckpt.spec.sparse_layers[-1]
-        remote(ckpt.spec.sparse_layers[0], x, ids, w)
-        remote.set_table(second)
-        remote(last_layer, x, ids, w)  # mid-step: still the old placement
-        assert remote.table.version == 1
-        assert set(remote._channels) == set(groups.addresses)  # both open while the old one is in use
+        with remote.step():
+            remote(ckpt.spec.sparse_layers[0], x, ids, w)
+            remote.set_table(second)
+            remote(last_layer, x, ids, w)  # mid-step: still the old placement
+            assert remote.table.version == 1
+        assert remote._groups.addresses == set(groups.addresses)  # both open while the old one is in use
         remote(ckpt.spec.sparse_layers[0], x, ids, w)  # next step
         assert remote.table.version == 2
-        assert set(remote._channels) == {groups.addresses[1]}  # the group no placement names: closed
+        assert remote._groups.addresses == {groups.addresses[1]}  # the group no placement names: closed
     finally:
         remote.close()
         groups.close()
@@ -150,10 +151,11 @@ def test_version_in_use_covers_the_step_in_flight(tiny_checkpoint):
     try:
         x, ids, w = torch.randn(2, ckpt.spec.hidden_size), torch.tensor([[0, 1], [2, 3]]), torch.full((2, 2), 0.5)
         first, last = ckpt.spec.sparse_layers[0], ckpt.spec.sparse_layers[-1]
-        remote(first, x, ids, w)
-        remote.set_table(PlacementTable.round_robin(ckpt.spec, groups.addresses, version=2))
-        assert remote.version_in_use == 1  # a step on v1 is in flight
-        remote(last, x, ids, w)
+        with remote.step():  # the engine's: one step, every MoE layer of it
+            remote(first, x, ids, w)
+            remote.set_table(PlacementTable.round_robin(ckpt.spec, groups.addresses, version=2))
+            assert remote.version_in_use == 1  # a step on v1 is in flight
+            remote(last, x, ids, w)
         assert remote.version_in_use == 2  # between steps: the next step takes v2
     finally:
         remote.close()
@@ -218,8 +220,9 @@ def test_a_slow_group_keeps_pairs_whose_other_replica_just_failed(tiny_checkpoin
         x = torch.randn(6, ckpt.spec.hidden_size)
         ids, w = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7], [1, 2], [3, 4]]), torch.full((6, 2), 0.5)
         layer = ckpt.spec.sparse_layers[0]
-        out = remote(layer, x, ids, w)
-        assert torch.allclose(out, reference.experts(layer, x, ids, w), atol=1e-5)
+        for _ in range(2):  # the second time the dead group is down already: every pair goes to the slow one
+            out = remote(layer, x, ids, w)
+            assert torch.allclose(out, reference.experts(layer, x, ids, w), atol=1e-5)
     finally:
         remote.close()
         groups.close()

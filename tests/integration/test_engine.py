@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -58,13 +59,34 @@ def test_concurrent_requests_equal_each_alone_and_the_reference(reference):
         engine.close()
 
 
-def test_distributed_engine_equals_reference(tiny_checkpoint, reference):
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_distributed_engine_equals_reference(tiny_checkpoint, reference, micro_batches):
+    """Over real gRPC groups, with one micro-batch a step or two in flight (engine/pipeline.py): greedy
+    tokens equal the reference's, Score equals its logprobs, a seeded draw is the same either way."""
     model, remote, groups, _ = distributed_model(tiny_checkpoint, 2)
-    engine = Engine(model.dense, remote, TIGHT)
+    config = EngineConfig(TIGHT.scheduler, stop_at_eos=False, micro_batches=micro_batches)
+    engine = Engine(model.dense, remote, config)
     try:
-        ps = prompts(reference.spec.vocab_size, [4, 13, 7], seed=3)
+        ps = prompts(reference.spec.vocab_size, [4, 13, 7, 9, 2], seed=3)
         results = run_concurrently(engine, [(p, SamplingParams(max_tokens=6)) for p in ps])
         assert [r[0] for r in results] == [reference.generate_greedy(p, 6) for p in ps]
+        assert (engine.runner.overlapped_steps > 0) == (micro_batches == 2)
+        ids = prompts(reference.spec.vocab_size, [11], seed=4)[0]
+        seeded = SamplingParams(max_tokens=5, temperature=0.9, seed=11)
+
+        async def mixed():
+            return await asyncio.gather(engine.score(ids), collect(engine, ps[0], seeded),
+                                        collect(engine, ps[1], SamplingParams(max_tokens=4)))
+
+        scores, (drawn, _), (greedy, _) = asyncio.run(mixed())
+        logp = torch.log_softmax(reference(torch.tensor([ids]))[0], dim=-1)
+        assert max(abs(a - float(logp[i, ids[i + 1]])) for i, a in enumerate(scores)) <= 1e-4
+        assert greedy == reference.generate_greedy(ps[1], 4)
+        alone = Engine(reference.dense, reference.experts, EngineConfig(stop_at_eos=False))
+        try:
+            assert drawn == run_concurrently(alone, [(ps[0], seeded)])[0][0]
+        finally:
+            alone.close()
     finally:
         engine.close()
         remote.close()
@@ -101,6 +123,48 @@ def test_stop_tokens_seeds_and_logprobs(reference):
         events = asyncio.run(with_logprobs())
         logp = torch.log_softmax(reference(torch.tensor([p]))[0, -1], dim=-1)
         assert abs(events[0].logprobs[0] - float(logp[greedy[0]])) <= 1e-4
+    finally:
+        engine.close()
+
+
+def test_top_logprobs_are_the_reference_top_k_per_request(reference):
+    """Two requests asking for different counts share a step; each gets its own k best, equal to the
+    reference's log_softmax top-k, and one without logprobs gets none."""
+    engine = Engine(reference.dense, reference.experts, TIGHT)
+    try:
+        p = prompts(reference.spec.vocab_size, [6], seed=6)[0]
+
+        async def main():
+            async def events(params):
+                return [ev async for ev in engine.generate(p, params)]
+            return await asyncio.gather(events(SamplingParams(max_tokens=3, logprobs=True, top_logprobs=5)),
+                                        events(SamplingParams(max_tokens=3, logprobs=True, top_logprobs=2)),
+                                        events(SamplingParams(max_tokens=3)))
+
+        five, two, plain = asyncio.run(main())
+        tokens = [t for ev in five for t in ev.token_ids]
+        logp = torch.log_softmax(reference(torch.tensor([p + tokens]))[0, len(p) - 1:], dim=-1)  # [3 + 1, V]
+        for step, (a, b) in enumerate(zip(five, two)):
+            values, ids = logp[step].topk(5)
+            (top5,), (top2,) = a.top_logprobs, b.top_logprobs
+            assert [i for i, _ in top5] == ids.tolist() and [i for i, _ in top2] == ids.tolist()[:2]
+            assert max(abs(v - float(e)) for (_, v), e in zip(top5, values)) <= 1e-4
+            assert top5[0][0] == tokens[step] and abs(top5[0][1] - a.logprobs[0]) <= 1e-6  # greedy: the best one
+        assert all(ev.top_logprobs == [] for ev in plain)
+    finally:
+        engine.close()
+
+
+def test_eos_ends_generation_unless_the_request_ignores_it(reference):
+    engine = Engine(reference.dense, reference.experts, EngineConfig(stop_at_eos=True))
+    try:
+        p = prompts(reference.spec.vocab_size, [5], seed=7)[0]
+        greedy = reference.generate_greedy(p, 6)
+        # make the third greedy token the model's eos (the engine reads it from its spec)
+        engine.spec = dataclasses.replace(reference.spec, eos_token_id=greedy[2])
+        cut = greedy.index(greedy[2])
+        assert run_concurrently(engine, [(p, SamplingParams(max_tokens=6))])[0] == (greedy[:cut], "stop")
+        assert run_concurrently(engine, [(p, SamplingParams(max_tokens=6, ignore_eos=True))])[0] == (greedy, "length")
     finally:
         engine.close()
 

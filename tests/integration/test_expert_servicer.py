@@ -261,3 +261,20 @@ def test_fuzzed_forward_is_served_or_refused_with_a_clear_status(group_address):
     finally:
         channel.close()
     assert outcomes["ok"] and outcomes["refused"], outcomes
+
+
+def test_same_layer_forwards_of_two_routers_run_as_one_kernel_call(tiny_checkpoint):
+    """Two routers' Forwards of one layer arriving together (a 20 ms window here) are one
+    moe_forward; each gets exactly its own rows, equal to the reference."""
+    async def body():
+        async with serving(tiny_checkpoint, [(0, e) for e in range(E)]) as (servicer, stub):
+            servicer.coalescer.window_s = 0.02
+            a, b = random_batch(5, 2, range(E), seed=1), random_batch(3, 2, range(E), seed=2)
+            out_a, out_b = await asyncio.gather(stub.Forward(request(0, *a)), stub.Forward(request(0, *b)))
+            assert servicer.coalescer.calls == 1 and servicer.coalescer.merged == 2
+            for out, batch in ((out_a, a), (out_b, b)):
+                assert torch.allclose(decode(out.output, "output"), reference(tiny_checkpoint, 0, *batch), atol=1e-5)
+            stats = await stub.Stats(expert_pb2.StatsRequest())
+            assert stats.forward_calls == 2  # two requests answered, one kernel call
+
+    asyncio.run(body())

@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.request
 from urllib.parse import unquote, urlsplit
 
 import pytest
@@ -21,11 +22,12 @@ READY = "serving elasticmoe.v1.MoEService"
 
 
 def test_serve_generate_status_then_ctrl_c(tiny_checkpoint, tmp_path):
-    port = free_port()
+    port, http_port = free_port(), free_port()
     log = open(tmp_path / "serve.log", "w+")
     home = tmp_path / "home"  # where serve.json goes
     proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--checkpoint", str(tiny_checkpoint),
-                             "--groups", "2", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                             "--groups", "2", "--port", str(port), "--http-port", str(http_port), "--http-host",
+                             "127.0.0.1", "--served-model-name", "demo"], stdout=log, stderr=subprocess.STDOUT,
                             env=os.environ | {"PYTHONUNBUFFERED": "1", "ELASTICMOE_HOME": str(home)})
     try:
         deadline = time.monotonic() + 180
@@ -38,6 +40,13 @@ def test_serve_generate_status_then_ctrl_c(tiny_checkpoint, tmp_path):
         expected = expected[: expected.index(1)] if 1 in expected else expected  # </s> stops
         with MoEClient(f"127.0.0.1:{port}", timeout_s=60) as client:
             assert client.generate(prompt, max_tokens=5).token_ids == expected
+        # the same service over HTTP, as the curl line moectl serve prints
+        request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/completions", headers={
+            "content-type": "application/json"}, data=json.dumps({"model": "demo", "prompt": prompt, "max_tokens": 5,
+                                                                  "return_tokens_as_token_ids": True,
+                                                                  "logprobs": 0}).encode())
+        reply = json.loads(urllib.request.urlopen(request, timeout=60).read())
+        assert [int(t.split(":")[1]) for t in reply["choices"][0]["logprobs"]["tokens"]] == expected
         status = subprocess.run([sys.executable, "-m", "cluster.cli", "status", "--address", f"127.0.0.1:{port}"],
                                 capture_output=True, text=True, timeout=60)
         assert status.returncode == 0 and "placement v1" in status.stdout and "layer   1:" in status.stdout

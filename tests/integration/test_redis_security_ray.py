@@ -107,8 +107,10 @@ def test_password_and_tls_end_to_end_and_no_secret_anywhere(ray_session, tiny_ch
             traffic.stop()
             assert traffic.failed == 0 and traffic.mismatched == 0, traffic.errors[:5]
 
-            status = cluster.router.status()
-            assert status.serving and status.placement_version >= version and status.autoscaler.paused
+            # Status answers from snapshots refreshed every second: wait for one taken after the switch
+            status = wait_for(lambda: (s := cluster.router.status()).placement_version >= version and s, 10,
+                              what="a Status snapshot of the new placement")
+            assert status.serving and status.autoscaler.paused
             autoscaler_json = cluster.state.client.get(cluster.state.autoscaler_status_key)
             assert autoscaler_json and '"paused": true' in autoscaler_json
             written = redis_dump(cluster.state)

@@ -1,52 +1,23 @@
 """End to end: SDK -> Serve gRPC ingress -> router replica -> expert-group actors, real Ray."""
 from __future__ import annotations
 
-import socket
 import time
 
 import grpc
 import pytest
 import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from ray import serve
 
-from cluster.checkpoint.reader import Checkpoint
-from cluster.placement.table import PlacementTable
-from experts.config import ExpertGroupConfig
-from experts.group import ExpertGroupActor
+from helpers.serve import served
+from helpers.traffic import wait_for
 from router_service.client import InvalidArgument, MoEClient
 from router_service.model.reference import ReferenceModel
-from router_service.serving.deployment import GRPC_SERVICER_FUNCTIONS, build_app, limit_client_messages
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def service(tiny_checkpoint):
-    limit_client_messages()  # as moectl serve does: Serve's proxy, started below, inherits it
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-    spec = Checkpoint(tiny_checkpoint).spec
-    table = PlacementTable.round_robin(spec, ["pending:0", "pending:1"])
-    groups = [ExpertGroupActor.remote(ExpertGroupConfig(str(tiny_checkpoint), table.slots_of(g), device="cpu",
-                                                        name=f"group-{g}")) for g in range(2)]
-    addresses = ray.get([g.start.remote() for g in groups], timeout=120)
-    table = PlacementTable(1, tuple(addresses), table.replicas)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
-                grpc_options={"port": port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS})
-    serve.run(build_app({"checkpoint": str(tiny_checkpoint), "placement": table.to_json(),
-                         "allow_unauthenticated": True}), name="moe")
-    try:
-        yield f"127.0.0.1:{port}", groups
-    finally:
-        serve.shutdown()
-        for g in groups:
-            ray.kill(g)
-        ray.shutdown()
+    with served(tiny_checkpoint) as s:
+        yield s.grpc, s.groups
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +47,12 @@ def test_generate_score_status_health(address, tiny_checkpoint):
         scores = client.score(prompt)
         assert max(abs(s - float(logp[i, prompt[i + 1]])) for i, s in enumerate(scores)) <= 1e-4
 
-        status = client.status()
+        # Status answers from snapshots refreshed every second: wait for one taken after the traffic above
+        def served_load():
+            s = client.status()
+            return s if sum(e.tokens for e in s.load) > 0 else None
+
+        status = wait_for(served_load, 10, what="a Status snapshot with the load served")
         assert status.serving and status.placement_version == 1 and len(status.groups) == 2
         assert all(g.health == "SERVING" for g in status.groups)
         served = {(e.layer, e.expert): e.tokens for e in status.load}

@@ -77,7 +77,9 @@ def actors(objects) -> list[Actor]:
         Actor("controller", args.get("controller_label_selector", {}), ControllerActor._default_options["num_cpus"],
               0, controller_env, checkpoint | tls),
         Actor("build task", build_selector, 0, 0, set(), set()),  # reads nothing on its node (serve_app.py)
-        Actor("router replica", options.get("label_selector", {}), options.get("num_cpus", 1), 0, set(),
+        # the router reads its API tokens from its own node's environment (RouterConfig.client_auth)
+        Actor("router replica", options.get("label_selector", {}), options.get("num_cpus", 1), 0,
+              {args["router"]["api_tokens_env"]} if args["router"].get("api_tokens_env") else set(),
               {args["checkpoint"] + "/config.json", args["checkpoint"] + "/tokenizer.json"} | tls),
         # a Ray actor with resources holds them and needs >= 1 CPU to be placed (ray/actor.py); ours set none
         # but num_gpus, so it needs a CPU either way

@@ -414,9 +414,10 @@ def test_expert_pods_get_ready_without_a_serve_proxy_and_clients_reach_routers_o
         labels = group["template"]["metadata"]["labels"]
         assert (api["spec"]["selector"].items() <= labels.items()) == (labels[ROLE] == "router"), labels
     (routers,) = groups_with_role(objects, "router")
-    (port,) = api["spec"]["ports"]
-    grpc_port = serve_config(objects)["grpc_options"]["port"]
-    assert ports(ray_container(routers))[port["targetPort"]] == port["port"] == grpc_port
+    config = serve_config(objects)
+    grpc, http = api["spec"]["ports"]  # gRPC, and the OpenAI-compatible HTTP API
+    assert ports(ray_container(routers))[grpc["targetPort"]] == grpc["port"] == config["grpc_options"]["port"]
+    assert ports(ray_container(routers))[http["targetPort"]] == http["port"] == config["http_options"]["port"]
 
 
 def test_ports_and_metrics_match_the_configs(overlay):
@@ -428,9 +429,10 @@ def test_ports_and_metrics_match_the_configs(overlay):
     assert rayservice(objects)["spec"]["excludeHeadPodFromServeSvc"] is True
     # KubeRay copies the head container's serve-* ports into <name>-serve-svc
     assert ports(ray_container(head))["serve-grpc"] == config["grpc_options"]["port"]
+    assert ports(ray_container(head))["serve"] == config["http_options"]["port"]  # the OpenAI-compatible API
     (routers,) = groups_with_role(objects, "router")
     p = ports(ray_container(routers))
-    assert p["serve-grpc"] == config["grpc_options"]["port"]
+    assert p["serve-grpc"] == config["grpc_options"]["port"] and p["serve"] == config["http_options"]["port"]
     assert p["router-metrics"] == app["args"]["router"]["metrics_port"] == 9100
     # the autoscaler's metrics come from the controller actor, on the head
     assert ports(ray_container(head))["scaler-metrics"] == app["args"]["controller"]["autoscaler"]["metrics_port"]
@@ -495,7 +497,9 @@ def test_secrets_are_rendered_or_documented(overlay):
     assert refs and refs <= rendered | EXTERNAL_SECRETS, refs - rendered - EXTERNAL_SECRETS
     if name == "gpu":
         assert not find(objects, "Secret"), "production secrets are created out of band, never in git"
-        assert "kubectl -n elasticmoe create secret generic elasticmoe-redis" in (K8S / "README.md").read_text()
+        walkthrough = (K8S / "README.md").read_text()
+        for secret in {name for name, _ in EXTERNAL_SECRETS}:
+            assert f"kubectl -n elasticmoe create secret generic {secret}" in walkthrough, secret
 
 
 def test_images_are_one_pinned_image(overlay):
@@ -624,9 +628,10 @@ def test_network_policy_reachability(overlay):
     def ok(src, dst, port):
         return reachable(policies, src, dst, port)
 
-    # from outside the namespace: the serve port of the router pods only
-    assert ok(outside, router, 9000) and ok(elsewhere, router, 9000)
-    closed = [(router, 9100), (router, group_port), (head, 9000), (head, 8265), (head, 6379), (redis, 6379)]
+    # from outside the namespace: the serve ports (gRPC, HTTP) of the router pods only
+    assert all(ok(src, router, port) for src in (outside, elsewhere) for port in (9000, 8000))
+    closed = [(router, 9100), (router, group_port), (head, 9000), (head, 8000), (head, 8265), (head, 6379),
+              (redis, 6379)]
     if expert is not router:
         closed += [(expert, group_port), (expert, 9000)]
     for dst, port in closed:

@@ -16,7 +16,7 @@ from helpers.manifests import K8S, OBSERVABILITY, OVERLAYS, find, render, walk
 # The one container that talks to the Kubernetes API: KubeRay's autoscaler sidecar (it patches the
 # RayCluster), given a token through autoscalerOptions.volumeMounts and nothing else.
 TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
-PUBLIC_PORTS = {("router", 9000)}  # elasticmoe-api: clients, load balancers
+PUBLIC_PORTS = {("router", 9000), ("router", 8000)}  # elasticmoe-api (gRPC, HTTP): clients, load balancers
 
 
 def all_objects():

@@ -312,10 +312,10 @@ def test_an_internal_failure_is_internal_with_no_detail_and_fails_no_neighbour(a
     api, ref = api
     real_append = api.engine._append
 
-    def append(seq, token, logprob):  # one request's postprocessing breaks on the engine thread
+    def append(seq, token, logprob, *top):  # one request's postprocessing breaks on the engine thread
         if seq.prompt == [9, 9, 9]:
             raise RuntimeError("secret internal detail")
-        real_append(seq, token, logprob)
+        real_append(seq, token, logprob, *top)
 
     monkeypatch.setattr(api.engine, "_append", append)
 

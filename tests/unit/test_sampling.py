@@ -8,7 +8,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router_service.model.sampling import MAX_SEED, SamplingError, SamplingParams, make_generator, sample
+from router_service.model.sampling import (
+    MAX_SEED,
+    MAX_TOP_LOGPROBS,
+    SamplingError,
+    SamplingParams,
+    make_generator,
+    sample,
+)
 
 
 def reference_distribution(logits: list[float], temperature: float, top_k: int, top_p: float) -> list[float]:
@@ -176,3 +183,13 @@ def test_max_tokens_limit_is_optional_and_named():
     assert SamplingParams(max_tokens=10**6).max_tokens == 10**6
     with pytest.raises(SamplingError, match=r"max_tokens must be an integer >= 1, <= 100, got 101"):
         SamplingParams(max_tokens=101, max_tokens_limit=100)
+
+
+def test_top_logprobs_is_bounded_and_needs_logprobs():
+    assert SamplingParams(logprobs=True, top_logprobs=MAX_TOP_LOGPROBS).top_logprobs == MAX_TOP_LOGPROBS
+    for bad in (-1, MAX_TOP_LOGPROBS + 1, 2.0, True, None):
+        with pytest.raises(SamplingError, match=r"top_logprobs must be an integer in \[0, 20\]") as info:
+            SamplingParams(logprobs=True, top_logprobs=bad)
+        assert info.value.field == "top_logprobs"
+    with pytest.raises(SamplingError, match="top_logprobs needs logprobs"):
+        SamplingParams(top_logprobs=3)

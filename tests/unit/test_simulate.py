@@ -51,13 +51,24 @@ def test_trace_is_seeded_and_shifts():
 
 
 def test_capacity_matches_the_formula():
-    c = small(layer_overhead_us=0.0)
+    c = small(layer_overhead_us=0.0, attention_us=0.0)
     # balanced: every GPU gets top_k / G pairs per token in every layer
     expected = c.pass_tokens / (c.layers * c.pass_tokens * c.top_k / c.gpus * c.pair_s)
     assert c.balanced_capacity == pytest.approx(expected)
     assert c.pair_s == pytest.approx(3 * 2 * 7168 * 2048 / (989e12 * 0.4))
     assert c.expert_bytes == 3 * 7168 * 2048 * 2
     assert c.capacity(np.full(c.layers, 2 * c.top_k / c.gpus)) == pytest.approx(expected / 2)  # imbalance 2: half
+
+
+def test_two_micro_batches_hide_the_shorter_of_attention_and_experts():
+    """A layer is attention then experts in sequence, or the larger of the two with the expert stage
+    of one micro-batch overlapped with the other's attention."""
+    c = small(layer_overhead_us=20.0, attention_us=100.0)
+    peak = np.full(c.layers, c.top_k / c.gpus)
+    experts_s = c.pass_tokens * peak[0] * c.pair_s + 20e-6
+    assert c.capacity(peak) == pytest.approx(c.pass_tokens / (c.layers * (experts_s + 100e-6)))
+    assert c.capacity(peak, overlap=True) == pytest.approx(c.pass_tokens / (c.layers * max(experts_s, 100e-6)))
+    assert c.capacity(peak, overlap=True) > c.capacity(peak)
 
 
 # ---- the autoscaler on the modelled cluster -------------------------------------------------

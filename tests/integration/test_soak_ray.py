@@ -1,4 +1,4 @@
-"""A 2-minute soak with faults (cluster/bench/soak.py): real Ray, Redis and gRPC, mixed traffic from
+"""A 75-second soak with faults (cluster/bench/soak.py): real Ray, Redis and gRPC, mixed traffic from
 three clients while a group is killed, Redis restarted, a rebalance forced, a group slowed and a burst
 sent. Every expert has a live replica throughout, so no request may fail; every greedy output must
 equal the reference; resident memory must not grow after warm-up beyond 64 MiB per process."""
@@ -9,8 +9,10 @@ from cluster.bench.soak import soak, summary
 MARGIN_BYTES = 64 * 2**20
 
 
-def test_two_minutes_of_traffic_and_faults(tiny_checkpoint):
-    report = soak(tiny_checkpoint, duration_s=120, fault_every_s=20, workers=3)
+def test_soak_of_traffic_and_five_kinds_of_fault(tiny_checkpoint):
+    # 75 s, a fault 10 s after the last one recovered: all five kinds, inside CI's time budget (the
+    # 10-minute run the README reports is `moectl bench soak --minutes 10`)
+    report = soak(tiny_checkpoint, duration_s=75, fault_every_s=10, workers=3)
     print("\n" + summary(report))
     assert report["failed"] == 0, report["errors"]
     assert report["mismatched"] == 0 and report["greedy_checked"] >= 20, report["errors"]

@@ -163,14 +163,18 @@ class _ExpertStage:
         return max(busy) / calls if calls and busy else float("nan")
 
 
+def _measure(phase_s, load, stage: _ExpertStage | None, state, settings):
+    """One phase: (tokens/s, p99 inter-token s, gaps), the expert stage's seconds per layer, imbalance."""
+    start, mark = time.perf_counter(), stage.mark() if stage else None
+    time.sleep(phase_s)
+    window = load.window(start, time.perf_counter())
+    return window, stage.per_layer_s(mark, stage.mark()) if stage else float("nan"), _imbalance(state, settings)
+
+
 def _phases(args, settings, state, load, mode, hot, uniform, stage: _ExpertStage | None = None) -> int:
     """A (paused, skewed) -> flush (uniform) -> resume -> B (skew onset) -> C (autoscaled)."""
     time.sleep(3)  # warm-up
-    a0, mark = time.perf_counter(), stage.mark() if stage else None
-    time.sleep(args.phase_s)
-    before = load.window(a0, time.perf_counter())
-    stage_before = stage.per_layer_s(mark, stage.mark()) if stage else float("nan")
-    imbalance_before = _imbalance(state, settings)
+    before, stage_before, imbalance_before = _measure(args.phase_s, load, stage, state, settings)
     print(f"A before (static placement): {before[0]:.0f} tokens/s, p99 inter-token {before[1] * 1e3:.0f} ms "
           f"({before[2]} gaps); imbalance {imbalance_before:.2f}; expert stage {stage_before * 1e3:.1f} ms per layer")
 
@@ -197,11 +201,7 @@ def _phases(args, settings, state, load, mode, hot, uniform, stage: _ExpertStage
         print(f"B skew onset -> balanced placement: {balanced_at - onset:.1f} s (target <= 10 s); rebalance "
               f"v{rebalance['from_version']} -> v{rebalance['to_version']} took {rebalance['seconds']:.2f} s, "
               f"{rebalance['weights_loaded']} weight load(s)")
-    c0, mark = time.perf_counter(), stage.mark() if stage else None
-    time.sleep(args.phase_s)
-    after = load.window(c0, time.perf_counter())
-    stage_after = stage.per_layer_s(mark, stage.mark()) if stage else float("nan")
-    imbalance_after = _imbalance(state, settings)
+    after, stage_after, imbalance_after = _measure(args.phase_s, load, stage, state, settings)
     print(f"C after (autoscaled): {after[0]:.0f} tokens/s, p99 inter-token {after[1] * 1e3:.0f} ms "
           f"({after[2]} gaps); imbalance {imbalance_after:.2f}; expert stage {stage_after * 1e3:.1f} ms per layer")
     gain, ceiling = after[0] / before[0], imbalance_before / imbalance_after

@@ -23,12 +23,12 @@ class Groups:
     """G expert-group servers on a private event loop in a background thread."""
 
     def __init__(self, checkpoint, table_slots: list[list[tuple[int, int]]], device: str = "cpu",
-                 dtype: str | None = None):
+                 dtype: str | None = None, coalesce_window_s: float = 0.0):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        configs = [ExpertGroupConfig(str(checkpoint), slots, device=device, dtype=dtype, name=f"g{i}")
-                   for i, slots in enumerate(table_slots)]
+        configs = [ExpertGroupConfig(str(checkpoint), slots, device=device, dtype=dtype, name=f"g{i}",
+                                     coalesce_window_s=coalesce_window_s) for i, slots in enumerate(table_slots)]
         self.servicers = [self._run(ExpertServicer.create(c)) for c in configs]  # for fault injection
         started = [self._run(serve_group(c, s)) for c, s in zip(configs, self.servicers)]
         self.servers = [s for s, _ in started]
@@ -44,10 +44,10 @@ class Groups:
         self.thread.join(5)
 
 
-def distributed_model(path, num_groups: int):
+def distributed_model(path, num_groups: int, coalesce_window_s: float = 0.0):
     ckpt = Checkpoint(path)
     table = PlacementTable.round_robin(ckpt.spec, [f"pending:{g}" for g in range(num_groups)])
-    groups = Groups(path, [table.slots_of(g) for g in range(num_groups)])
+    groups = Groups(path, [table.slots_of(g) for g in range(num_groups)], coalesce_window_s=coalesce_window_s)
     table = PlacementTable(table.version, tuple(groups.addresses), table.replicas)
     remote = RemoteExperts(ckpt.spec, table)
     dense = DenseModel(ckpt.spec, ckpt.load_dense(torch.float32))

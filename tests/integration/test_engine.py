@@ -59,11 +59,12 @@ def test_concurrent_requests_equal_each_alone_and_the_reference(reference):
         engine.close()
 
 
-@pytest.mark.parametrize("micro_batches", [1, 2])
-def test_distributed_engine_equals_reference(tiny_checkpoint, reference, micro_batches):
-    """Over real gRPC groups, with one micro-batch a step or two in flight (engine/pipeline.py): greedy
-    tokens equal the reference's, Score equals its logprobs, a seeded draw is the same either way."""
-    model, remote, groups, _ = distributed_model(tiny_checkpoint, 2)
+@pytest.mark.parametrize("micro_batches, coalesce_window_s", [(1, 0.0), (2, 0.0), (2, 0.02)])
+def test_distributed_engine_equals_reference(tiny_checkpoint, reference, micro_batches, coalesce_window_s):
+    """Over real gRPC groups, with one micro-batch a step or two in flight (engine/pipeline.py), and with
+    the groups coalescing same-layer calls (experts/coalescer.py): greedy tokens equal the reference's,
+    Score equals its logprobs, a seeded draw is the same either way."""
+    model, remote, groups, _ = distributed_model(tiny_checkpoint, 2, coalesce_window_s)
     config = EngineConfig(TIGHT.scheduler, stop_at_eos=False, micro_batches=micro_batches)
     engine = Engine(model.dense, remote, config)
     try:
@@ -71,6 +72,8 @@ def test_distributed_engine_equals_reference(tiny_checkpoint, reference, micro_b
         results = run_concurrently(engine, [(p, SamplingParams(max_tokens=6)) for p in ps])
         assert [r[0] for r in results] == [reference.generate_greedy(p, 6) for p in ps]
         assert (engine.runner.overlapped_steps > 0) == (micro_batches == 2)
+        if coalesce_window_s:  # the two micro-batches' calls for one layer met on a group and ran as one
+            assert sum(s.coalescer.merged for s in groups.servicers) > 0
         ids = prompts(reference.spec.vocab_size, [11], seed=4)[0]
         seeded = SamplingParams(max_tokens=5, temperature=0.9, seed=11)
 

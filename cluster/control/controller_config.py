@@ -42,6 +42,9 @@ class ControllerConfig:
     group_host: str = "127.0.0.1"  # groups' bind address; "0.0.0.0" when routers run on other nodes
     group_cpu_threads: int | None = None  # ExpertGroupConfig.cpu_threads: torch threads per CPU group
     pin_groups: bool = False  # group i on CPU core i mod (cores): each group its own compute, as with a GPU each
+    # ExpertGroupConfig.coalesce_window_s: how long a group holds a Forward for same-layer company (0: never
+    # waits; calls queued while it computes still run as one)
+    group_coalesce_window_s: float = 0.0
     num_gpus_per_group: float | None = None  # None = 1 when the cluster has GPUs, else 0
     max_group_restarts: int = 3  # Ray restarts of a group's process; -1 = unlimited
     group_start_timeout_s: float = 600.0  # start() loads weights: minutes for a large model
@@ -63,6 +66,10 @@ class ControllerConfig:
             raise ValueError(f"num_groups must be an int >= 1, got {self.num_groups!r}")
         if self.redis_url is not None:
             check_url(self.redis_url)
+        window = self.group_coalesce_window_s
+        if isinstance(window, bool) or not isinstance(window, (int, float)) or not 0 <= window <= 0.1:
+            raise ValueError(f"group_coalesce_window_s must be a number of seconds in [0, 0.1], "
+                             f"got {self.group_coalesce_window_s!r}")
         ns = self.redis_namespace
         if not isinstance(ns, str) or not ns or ":" in ns or "{" in ns.replace(RAY_CLUSTER_FIELD, "") \
                 or "}" in ns.replace(RAY_CLUSTER_FIELD, ""):

@@ -99,6 +99,7 @@ class GroupLifecycle:
         group_config = ExpertGroupConfig(checkpoint=cfg.checkpoint, slots=slots, device=cfg.group_device,
                                          dtype=self.model_dtype(), host=cfg.group_host, name=name,
                                          cpu_threads=cfg.group_cpu_threads, credentials=self.credentials,
+                                         coalesce_window_s=cfg.group_coalesce_window_s,
                                          cpu_affinity=[int(name.rsplit("-", 1)[-1]) % os.cpu_count()]
                                          if cfg.pin_groups else None)
         options = dict(name=name, max_restarts=cfg.max_group_restarts, max_task_retries=0)

@@ -168,7 +168,9 @@ def test_config_is_validated_and_rejects_unknown_keys():
     for bad, field in [({"num_groups": 0}, "num_groups"), ({"num_groups": True}, "num_groups"),
                        ({"redis_url": "http://x"}, "redis_url"), ({"group_device": "tpu"}, "group_device"),
                        ({"dtype": "fp8"}, "dtype"), ({"num_gpus_per_group": -1}, "num_gpus_per_group"),
-                       ({"max_group_restarts": -2}, "max_group_restarts"), ({"name": ""}, "name")]:
+                       ({"max_group_restarts": -2}, "max_group_restarts"), ({"name": ""}, "name"),
+                       ({"group_coalesce_window_s": 0.5}, r"group_coalesce_window_s must be .* \[0, 0.1\]"),
+                       ({"group_coalesce_window_s": True}, "group_coalesce_window_s")]:
         with pytest.raises(ValueError, match=field):
             ControllerConfig.from_dict({**base, **bad})
     with pytest.raises(ValueError) as e:  # a bad URL is shown without its password

@@ -45,3 +45,9 @@ def add_commands(sub) -> None:
 
     bench_soak.add_arguments(p)
     p.set_defaults(fn=lambda args: bench_soak.run(args))
+    p = bench.add_parser("transport", help="one MoE layer's round trip to a group, split: compute, codec, "
+                                           "secret check, and the rest (gRPC, asyncio, Python)")
+    from cluster.bench import transport as bench_transport
+
+    bench_transport.add_arguments(p)
+    p.set_defaults(fn=lambda args: bench_transport.run(args))

@@ -1,0 +1,110 @@
+"""`moectl bench transport`: where one MoE layer's time goes on the way to an expert group and back.
+
+    router: route + encode (wire.encode x, ids, weights)  --gRPC, loopback-->  group: decode, check
+            decode the result, combine                   <--gRPC-----------   compute (busy_s), encode
+
+One expert group (a Ray actor of its own, holding every expert), one layer, --tokens tokens, the
+same call --calls times through RemoteExperts, as the engine makes it. The group's compute comes
+from its own counter (Stats.busy_s); the codec and the secret check are timed here on the same
+tensors with the same functions; what is left of the round trip is gRPC, asyncio hand-offs and the
+Python around them. Medians; loopback only.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import statistics
+import time
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--checkpoint", default="checkpoints/demo-small", help="checkpoint (default: the demo one)")
+    p.add_argument("--tokens", default="1,32,256", help="tokens per call, comma-separated (default 1,32,256)")
+    p.add_argument("--calls", type=int, default=200, help="calls per size (default 200; the first 10 warm up)")
+    p.add_argument("--group-threads", type=int, default=1, help="torch threads of the group (default 1)")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the figures there as JSON")
+
+
+def _median_s(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def codec_s(x, ids, weights, repeats: int = 200) -> dict:
+    """The wire's own cost on these tensors: both encodes and decodes of a call, and the secret check."""
+    from experts.wire import decode, encode
+
+    messages = [encode(t) for t in (x, ids, weights)]
+    result = encode(x)  # the answer has x's shape
+    secret_digest = hashlib.sha256(b"x" * 43).digest()
+    return {
+        "encode_request_s": _median_s(lambda: [encode(t) for t in (x, ids, weights)], repeats),
+        "decode_request_s": _median_s(lambda: [decode(m, "t") for m in messages], repeats),
+        "encode_result_s": _median_s(lambda: encode(x), repeats),
+        "decode_result_s": _median_s(lambda: decode(result, "output"), repeats),
+        "secret_check_s": _median_s(lambda: hmac.compare_digest(hashlib.sha256(b"x" * 43).digest(), secret_digest),
+                                    repeats),
+    }
+
+
+def run(args) -> int:
+    import ray
+    import torch
+
+    from cluster.checkpoint.reader import Checkpoint
+    from cluster.placement.table import PlacementTable
+    from experts.config import ExpertGroupConfig
+    from experts.group import ExpertGroupActor
+    from router_service.serving.dispatch import RemoteExperts
+
+    sizes = [int(t) for t in str(args.tokens).split(",")]
+    if not all(1 <= t <= 4096 for t in sizes) or not 20 <= args.calls <= 10000:
+        raise ValueError(f"--tokens must be in [1, 4096] and --calls in [20, 10000], got {args.tokens}, {args.calls}")
+    spec = Checkpoint(args.checkpoint).spec
+    layer = spec.sparse_layers[0]
+    table = PlacementTable.round_robin(spec, ["pending:0"])  # every expert of every layer on the one group
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    actor = ExpertGroupActor.remote(ExpertGroupConfig(str(args.checkpoint), table.slots_of(0), device="cpu", name="transport-0",
+                                                      cpu_threads=args.group_threads))
+    report = {"checkpoint": str(args.checkpoint), "layer": layer, "hidden": spec.hidden_size, "top_k": spec.top_k,
+              "calls": args.calls, "sizes": {}}
+    try:
+        address = ray.get(actor.start.remote(), timeout=600)
+        remote = RemoteExperts(spec, PlacementTable(1, (address,), table.replicas))
+        gen = torch.Generator().manual_seed(0)
+        print(f"{spec.family} {args.checkpoint}: layer {layer}, hidden {spec.hidden_size}, top-{spec.top_k} of "
+              f"{spec.num_experts}; one group on its own process, {args.calls} calls per size, medians (ms)")
+        print(f"  {'tokens':>6} {'round trip':>10} {'compute':>8} {'codec':>7} {'secret':>7} {'rest':>7} "
+              f"{'payload KiB':>11}")
+        for t in sizes:
+            x = torch.randn(t, spec.hidden_size, generator=gen)
+            ids = torch.stack([torch.randperm(spec.num_experts, generator=gen)[:spec.top_k] for _ in range(t)])
+            weights = torch.rand(t, spec.top_k, generator=gen)
+            for _ in range(10):
+                remote(layer, x, ids, weights)  # warm-up: channel, kernels
+            busy0 = remote.group_stats(10.0)[address].busy_s
+            trip = _median_s(lambda: remote(layer, x, ids, weights), args.calls)
+            compute = (remote.group_stats(10.0)[address].busy_s - busy0) / args.calls  # a mean: the group's counter
+            codec = codec_s(x, ids.to(torch.int32), weights)
+            wire = sum(v for k, v in codec.items() if k != "secret_check_s")
+            rest = trip - compute - wire - codec["secret_check_s"]
+            payload = 2 * x.numel() * x.element_size() + ids.numel() * 4 + weights.numel() * 4
+            report["sizes"][t] = {"round_trip_s": trip, "compute_s": compute, "rest_s": rest,
+                                  "payload_bytes": payload, **codec}
+            print(f"  {t:>6} {trip * 1e3:>10.2f} {compute * 1e3:>8.2f} {wire * 1e3:>7.3f} "
+                  f"{codec['secret_check_s'] * 1e3:>7.4f} {rest * 1e3:>7.2f} {payload / 1024:>11.1f}")
+        print("  rest = round trip - compute - codec - secret: gRPC, asyncio hand-offs, routing and combining")
+        remote.close()
+    finally:
+        ray.kill(actor)
+        ray.shutdown()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0

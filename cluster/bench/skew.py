@@ -48,6 +48,8 @@ def add_arguments(p) -> None:
     p.add_argument("--json", default=None, metavar="FILE", help="write the figures there as JSON")
     p.add_argument("--autoscaler", action="append", default=[], metavar="KEY=VALUE",
                    help="an AutoscalerConfig setting, repeatable (default: the defaults)")
+    p.add_argument("--router", action="append", default=[], metavar="KEY=VALUE",
+                   help="a RouterConfig setting, repeatable (e.g. whole_expert_below=8)")
     p.add_argument("--address", default=None,
                    help="drive a running service (HOST:PORT) through the SDK instead of starting a cluster")
     from cluster.deploy.connect import add_redis_arguments
@@ -77,7 +79,8 @@ def run(args) -> int:
 
     load = None
     with LocalCluster(args.checkpoint, args.groups, autoscaler=dataclasses.asdict(settings),
-                      router={"max_new_tokens": args.new_tokens}, group_threads=args.group_threads,
+                      router={"max_new_tokens": args.new_tokens, **parse_settings(args.router)},
+                      group_threads=args.group_threads,
                       name=f"bench-skew-{int(time.time())}", pin_groups=args.pin_groups) as cluster:
         cluster.state.set_paused(True)
         try:

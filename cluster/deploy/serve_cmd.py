@@ -62,7 +62,7 @@ def parse_settings(pairs: list[str]) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"--autoscaler takes KEY=VALUE, got {pair!r}")
+            raise ValueError(f"a setting is KEY=VALUE (--autoscaler, --router), got {pair!r}")
         try:
             out[key] = json.loads(value)
         except ValueError:

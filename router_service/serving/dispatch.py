@@ -61,9 +61,11 @@ class DispatchError(RuntimeError):
 
 class RemoteExperts:
     def __init__(self, spec: ModelSpec, table: PlacementTable, timeout_s: float = 30.0, on_forward=None,
-                 credentials: RouterCredentials | None = None, slow_s: float = 2.0, on_stale=None):
+                 credentials: RouterCredentials | None = None, slow_s: float = 2.0, on_stale=None,
+                 whole_below: int = 0):
         table.validate(spec)
         self.spec, self.timeout_s, self.slow_s = spec, timeout_s, slow_s
+        self.whole_below, self._calls = whole_below, 0  # routes.choose_groups: whole experts, drawn per call
         self.on_forward = on_forward  # (group address, seconds, "ok" | "failed" | "slow") after every Forward: metrics
         self.on_stale = on_stale  # a group says our placement is stale (FAILED_PRECONDITION): refresh it
         self._loop = asyncio.new_event_loop()
@@ -157,7 +159,9 @@ class RemoteExperts:
         routed = torch.bincount(ids.flatten(), minlength=self.spec.num_experts)
         with self._load_lock:
             self._load[self._layer_index[layer]] += routed
-        future = asyncio.run_coroutine_threadsafe(self._forward(self._routes, layer, x, ids, weights), self._loop)
+        self._calls += 1
+        future = asyncio.run_coroutine_threadsafe(self._forward(self._routes, layer, x, ids, weights, self._calls),
+                                                  self._loop)
         return ExpertResult(future, device)
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -165,8 +169,8 @@ class RemoteExperts:
         with self.step():
             return self.submit(layer, x, ids, weights).result()
 
-    async def _forward(self, routes: Routes, layer, x, ids, weights) -> torch.Tensor:
-        pending = choose_groups(routes, layer, ids)  # [T, k] group of each pair; -1 = done
+    async def _forward(self, routes: Routes, layer, x, ids, weights, call: int = 0) -> torch.Tensor:
+        pending = choose_groups(routes, layer, ids, call, self.whole_below)  # [T, k] group of each pair; -1 = done
         # a group that failed in the last DOWN_S seconds gets no pairs that have another replica,
         # so one dead group does not cost every step a failed call
         pending = avoid(routes, layer, ids, pending,

@@ -70,7 +70,7 @@ class Router:
         self.metrics = RouterMetrics(config.metrics_per_expert, spec.sparse_layers)
         self.experts = RemoteExperts(spec, PlacementTable.from_json(config.placement), config.forward_timeout_s,
                                      on_forward=self.metrics.on_forward, credentials=credentials,
-                                     slow_s=config.forward_slow_s)
+                                     slow_s=config.forward_slow_s, whole_below=config.whole_expert_below)
         try:
             dtype = cluster_dtype(config.dtype, device, self.experts.group_stats())
             tensors = checkpoint.load_dense(parse_dtype(dtype))  # no expert weights here

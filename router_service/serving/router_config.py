@@ -61,6 +61,9 @@ class RouterConfig:
     # A group that has not answered a Forward after this long loses the call to another replica of its
     # experts, where every one has another (and is avoided for 2 s); without one the router waits.
     forward_slow_s: float = 2.0
+    # An expert with fewer (token, expert) pairs than this in a layer's call goes whole to one of its
+    # replicas, drawn per call by the shares, instead of being split (routes.py); 0: always split.
+    whole_expert_below: int = 0
     # follow placement changes published there (None: the deploy-time table only); may hold a password: no repr
     redis_url: str | None = field(default=None, repr=False)
     redis_namespace: str = "elasticmoe"
@@ -108,6 +111,10 @@ class RouterConfig:
         if not isinstance(self.max_step_tokens, int) or not 1 <= self.max_step_tokens <= MAX_FORWARD_TOKENS:
             raise ValueError(f"max_step_tokens must be an int in [1, {MAX_FORWARD_TOKENS}] (the largest Forward an "
                              f"expert group accepts), got {self.max_step_tokens!r}")
+        if isinstance(self.whole_expert_below, bool) or not isinstance(self.whole_expert_below, int) \
+                or not 0 <= self.whole_expert_below <= MAX_FORWARD_TOKENS:
+            raise ValueError(f"whole_expert_below must be an int in [0, {MAX_FORWARD_TOKENS}] (0: always split), "
+                             f"got {self.whole_expert_below!r}")
         for name in ("forward_timeout_s", "forward_slow_s", "placement_poll_s", "telemetry_flush_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

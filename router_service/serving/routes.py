@@ -5,6 +5,7 @@ T = tokens in the step, k = experts per token, E = experts per layer, R = most r
 
     compile_routes(table)       per layer: replica_groups [E, R], cumulative_shares [E, R]
     choose_groups(ids [T, k])   group of every pair, splitting an expert's tokens by the shares
+                                (or, below whole_below pairs, all of them to one replica per call)
     first_replica(ids, excl)    the first replica of every pair on a group not in `excl`
     avoid(pending, down)        pairs routed to a down group moved to another replica where one exists
 
@@ -12,6 +13,13 @@ An expert with several replicas splits its tokens by the table's shares: token t
 u = frac((t + 0.5) * golden ratio), a low-discrepancy sequence, and goes to the first
 replica whose cumulative share exceeds u. Deterministic, no RNG state, and even a
 decode step of a few tokens splits close to the shares.
+
+Whole experts (whole_below > 0): in decode a group's time follows the experts it touches (each
+one's weights read once per call) as much as its pairs, so splitting an expert's 3 pairs over two
+replicas makes both groups read its weights for 1-2 tokens each. An expert with fewer than
+whole_below pairs in a call sends them all to one replica, drawn per call from the same sequence
+(u = frac((call * E + e + 0.5) * golden ratio)) against its shares: over calls each replica still
+gets its share, and within a call different experts pick different replicas.
 """
 from __future__ import annotations
 
@@ -50,13 +58,21 @@ def compile_routes(spec: ModelSpec, table: PlacementTable) -> Routes:
     return Routes(table, groups, cumulative, {layer: g[:, 0].contiguous() for layer, g in groups.items()})
 
 
-def choose_groups(routes: Routes, layer: int, ids: torch.Tensor) -> torch.Tensor:
-    """ids [T, k] -> the group of every pair [T, k], an expert's tokens split by its replicas' shares."""
+def choose_groups(routes: Routes, layer: int, ids: torch.Tensor, call: int = 0, whole_below: int = 0) -> torch.Tensor:
+    """ids [T, k] -> the group of every pair [T, k], an expert's tokens split by its replicas' shares;
+    an expert with fewer than whole_below pairs here goes whole to one replica, drawn per `call`."""
     if routes.replica_groups[layer].shape[1] == 1:  # one replica each: a lookup, no share math
         return routes.first_group[layer][ids]
+    last = routes.replica_groups[layer].shape[1] - 1
     u = ((torch.arange(ids.shape[0], dtype=torch.float64) + 0.5) * _GOLDEN) % 1.0  # [T] in (0, 1)
     cumulative = routes.cumulative_shares[layer][ids]  # [T, k, R]
-    replica = (cumulative <= u[:, None, None]).sum(-1).clamp(max=cumulative.shape[-1] - 1)  # [T, k]
+    replica = (cumulative <= u[:, None, None]).sum(-1).clamp(max=last)  # [T, k]
+    if whole_below > 0:
+        experts = routes.cumulative_shares[layer].shape[0]
+        counts = torch.bincount(ids.flatten(), minlength=experts)  # [E] pairs per expert in this call
+        u_expert = ((call * experts + torch.arange(experts, dtype=torch.float64) + 0.5) * _GOLDEN) % 1.0  # [E]
+        per_expert = (routes.cumulative_shares[layer] <= u_expert[:, None]).sum(-1).clamp(max=last)  # [E]
+        replica = torch.where((counts < whole_below)[ids], per_expert[ids], replica)
     return routes.replica_groups[layer][ids, replica]
 
 

@@ -34,18 +34,22 @@ def test_greedy_tokens_and_logits_equal_reference(hf_checkpoint, num_groups):
         groups.close()
 
 
-def test_replicas_share_an_experts_tokens(tiny_checkpoint):
-    """Every expert on both groups: tokens alternate between replicas, the sum is unchanged."""
+@pytest.mark.parametrize("whole_below", [0, 4])
+def test_replicas_share_an_experts_tokens(tiny_checkpoint, whole_below):
+    """Every expert on both groups: tokens alternate between replicas (or, for an expert with fewer
+    than whole_below pairs in a call, all go to one of them), the sum is unchanged."""
     ckpt = Checkpoint(tiny_checkpoint)
     everything = [(l, e) for l in ckpt.spec.sparse_layers for e in range(ckpt.spec.num_experts)]
     groups = Groups(tiny_checkpoint, [everything, everything])
     table = PlacementTable(2, tuple(groups.addresses), {slot: (0, 1) for slot in everything})
-    remote = RemoteExperts(ckpt.spec, table)
+    remote = RemoteExperts(ckpt.spec, table, whole_below=whole_below)
     try:
         reference = ReferenceModel.from_pretrained(tiny_checkpoint)
         model = ReferenceModel(DenseModel(ckpt.spec, ckpt.load_dense()), remote)
         ids = torch.randint(0, ckpt.spec.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
         assert (model(ids) - reference(ids)).abs().max().item() <= 1e-4
+        prompt = ids[0, :5].tolist()  # decode: one token a step, every expert below whole_below
+        assert model.generate_greedy(prompt, 8) == reference.generate_greedy(prompt, 8)
     finally:
         remote.close()
         groups.close()

@@ -8,20 +8,19 @@ T = tokens in the step, k = experts per token, H = hidden, E = experts per layer
       Forward(hidden[rows], ids[rows] with other groups' pairs set to -1, weights[rows])
   combine: out[rows] += partial_g                     -> [T, H]
 
-A group whose Forward fails (dead, or missing an expert after a placement change) is
-retried on another replica of each of its experts within the same deadline, and avoided
-for DOWN_S seconds (channels.py); an expert with no live replica fails the layer with UNAVAILABLE
-naming the (layer, expert) pairs. A group that has not answered after slow_s
-(RouterConfig.forward_slow_s) is treated the same way when every pair it was sent has a
-replica elsewhere: its call is cancelled and the pairs move. Without another replica the
-router waits for it, up to the deadline: slow beats failed.
+A group whose Forward fails (dead, or missing an expert after a placement change) is retried on
+another replica of each of its experts within the same deadline, and avoided for DOWN_S seconds
+(channels.py); an expert with no live replica fails the layer with UNAVAILABLE naming the (layer,
+expert) pairs. A group that has not answered after slow_s (RouterConfig.forward_slow_s) is treated
+the same way when every pair it was sent has a replica elsewhere: its call is cancelled and the
+pairs move. Without another replica the router waits for it, up to the deadline: slow beats failed.
 
 Which group serves each pair (shares, retries on other replicas, avoiding down groups) is
 policy in routes.py; this file does the transport: the fan-out, deadlines and failures.
 
-Every call counts the pairs routed per expert (`take_load()`, flushed to Redis by the telemetry
-reporter). The engine submits a layer and waits on its result, inside step(); the gRPC calls run
-on one asyncio loop in a background thread that owns the channels (channels.py).
+Every call counts the pairs routed per expert (`take_load()`, flushed to Redis by the telemetry reporter).
+The engine submits a layer and waits on its result, inside step(); the gRPC calls run on one asyncio
+loop in a background thread that owns the channels (channels.py).
 """
 from __future__ import annotations
 
@@ -42,8 +41,7 @@ from experts.wire import decode, encode, to_device, to_host
 from router_service.serving.channels import GroupChannels
 from router_service.serving.routes import Routes, avoid, choose_groups, compile_routes, first_replica
 
-# Failures another replica would repeat (a bad or oversized request, the router lacking the cluster secret, an
-# API the group does not have): fail the layer at once instead of marking groups down one after another.
+# What another replica would repeat (bad request, no secret, no such API): fail the layer, not group after group.
 PERMANENT = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED)
 
@@ -159,9 +157,8 @@ class RemoteExperts:
         routed = torch.bincount(ids.flatten(), minlength=self.spec.num_experts)
         with self._load_lock:
             self._load[self._layer_index[layer]] += routed
-        self._calls += 1
-        future = asyncio.run_coroutine_threadsafe(self._forward(self._routes, layer, x, ids, weights, self._calls),
-                                                  self._loop)
+        self._calls += 1  # read by _forward for routes' per-call draw: any value is correct, it only varies it
+        future = asyncio.run_coroutine_threadsafe(self._forward(self._routes, layer, x, ids, weights), self._loop)
         return ExpertResult(future, device)
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -169,8 +166,8 @@ class RemoteExperts:
         with self.step():
             return self.submit(layer, x, ids, weights).result()
 
-    async def _forward(self, routes: Routes, layer, x, ids, weights, call: int = 0) -> torch.Tensor:
-        pending = choose_groups(routes, layer, ids, call, self.whole_below)  # [T, k] group of each pair; -1 = done
+    async def _forward(self, routes: Routes, layer, x, ids, weights) -> torch.Tensor:
+        pending = choose_groups(routes, layer, ids, self._calls, self.whole_below)  # [T, k] group of a pair; -1 done
         # a group that failed in the last DOWN_S seconds gets no pairs that have another replica,
         # so one dead group does not cost every step a failed call
         pending = avoid(routes, layer, ids, pending,

@@ -14,8 +14,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import statistics
-import time
+
+from cluster.bench.serving_runs import median_s
 
 
 def add_arguments(p) -> None:
@@ -26,15 +26,6 @@ def add_arguments(p) -> None:
     p.add_argument("--json", default=None, metavar="FILE", help="write the figures there as JSON")
 
 
-def _median_s(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def codec_s(x, ids, weights, repeats: int = 200) -> dict:
     """The wire's own cost on these tensors: both encodes and decodes of a call, and the secret check."""
     from experts.wire import decode, encode
@@ -43,11 +34,11 @@ def codec_s(x, ids, weights, repeats: int = 200) -> dict:
     result = encode(x)  # the answer has x's shape
     secret_digest = hashlib.sha256(b"x" * 43).digest()
     return {
-        "encode_request_s": _median_s(lambda: [encode(t) for t in (x, ids, weights)], repeats),
-        "decode_request_s": _median_s(lambda: [decode(m, "t") for m in messages], repeats),
-        "encode_result_s": _median_s(lambda: encode(x), repeats),
-        "decode_result_s": _median_s(lambda: decode(result, "output"), repeats),
-        "secret_check_s": _median_s(lambda: hmac.compare_digest(hashlib.sha256(b"x" * 43).digest(), secret_digest),
+        "encode_request_s": median_s(lambda: [encode(t) for t in (x, ids, weights)], repeats),
+        "decode_request_s": median_s(lambda: [decode(m, "t") for m in messages], repeats),
+        "encode_result_s": median_s(lambda: encode(x), repeats),
+        "decode_result_s": median_s(lambda: decode(result, "output"), repeats),
+        "secret_check_s": median_s(lambda: hmac.compare_digest(hashlib.sha256(b"x" * 43).digest(), secret_digest),
                                     repeats),
     }
 
@@ -88,7 +79,7 @@ def run(args) -> int:
             for _ in range(10):
                 remote(layer, x, ids, weights)  # warm-up: channel, kernels
             busy0 = remote.group_stats(10.0)[address].busy_s
-            trip = _median_s(lambda: remote(layer, x, ids, weights), args.calls)
+            trip = median_s(lambda: remote(layer, x, ids, weights), args.calls)
             compute = (remote.group_stats(10.0)[address].busy_s - busy0) / args.calls  # a mean: the group's counter
             codec = codec_s(x, ids.to(torch.int32), weights)
             wire = sum(v for k, v in codec.items() if k != "secret_check_s")

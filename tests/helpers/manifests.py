@@ -21,8 +21,7 @@ OBSERVABILITY = K8S / "observability"
 CRD_DIR = Path(__file__).resolve().parents[3] / "shared" / "kuberay-crds"
 KUBECTL = shutil.which("kubectl")
 NAMESPACE = "elasticmoe"
-# Secrets the gpu overlay expects to exist, created as k8s/README.md says (never in git).
-# created by hand before the gpu overlay is applied (k8s/README.md, step 2), never kept in git
+# Secrets the gpu overlay expects to exist, created by hand as k8s/README.md says (step 2), never in git
 EXTERNAL_SECRETS = {("elasticmoe-redis", "password"), ("elasticmoe-redis", "url"), ("elasticmoe-api-tokens", "tokens")}
 ROLE = "elasticmoe.io/role"
 

@@ -678,7 +678,7 @@ def test_dockerfile_matches_ray_python_and_the_manifests():
 def test_dockerfile_deps_match_pyproject():
     from packaging.requirements import Requirement
 
-    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is Python >= 3.11 (the project's and CI's Python)")
 
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     declared = {Requirement(r).name: Requirement(r) for r in pyproject["project"]["dependencies"]}
@@ -699,7 +699,7 @@ def test_dockerfile_deps_match_pyproject():
 
 
 def test_dockerfile_generates_every_proto_like_make_proto():
-    tomllib = pytest.importorskip("tomllib")
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is Python >= 3.11 (the project's and CI's Python)")
     makefile = (ROOT / "Makefile").read_text()
     flags = "-Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto"
     assert f"grpc_tools.protoc {flags}" in makefile
@@ -724,7 +724,7 @@ def test_redis_starts_from_the_manifest_script_with_the_password_off_the_command
     from cluster.state.redis_server import free_port
 
     if not (shutil.which("redis-server") and shutil.which("redis-cli")):
-        pytest.skip("redis-server / redis-cli not installed (`make redis` installs them)")
+        pytest.fail("redis-server / redis-cli not installed (`make redis` installs them)")
     (deployment,) = find(render(K8S / "overlays" / "dev-cpu"), "Deployment", "elasticmoe-redis")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["sh", "-c"]

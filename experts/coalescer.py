@@ -19,8 +19,10 @@ from typing import Callable
 
 import torch
 
+from experts.wire import MAX_FORWARD_TOKENS
 
-@dataclass
+
+@dataclass(eq=False)  # by identity: queue.remove() must never compare tensors
 class _Item:
     key: object  # (layer, weights snapshot): what may share a kernel call
     tensors: tuple  # hidden [t, H], slot ids [t, k], weights [t, k]
@@ -28,7 +30,7 @@ class _Item:
 
 
 class Coalescer:
-    def __init__(self, compute: Callable, window_s: float = 0.0, max_tokens: int = 8192):
+    def __init__(self, compute: Callable, window_s: float = 0.0, max_tokens: int = MAX_FORWARD_TOKENS):
         """compute(key, hidden, slot_ids, weights) -> output [T, H] on the host (runs in a thread)."""
         self.compute, self.window_s, self.max_tokens = compute, window_s, max_tokens
         self.calls = 0  # kernel calls made

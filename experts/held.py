@@ -16,7 +16,7 @@ Slot = tuple[int, int]  # (layer, expert)
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gate [F, H], up [F, H], down [H, F]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # a snapshot is itself (the coalescer's key): never compared by its tensors
 class LayerExperts:
     """The experts of one layer held here, stacked for the kernel."""
 

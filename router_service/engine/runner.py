@@ -58,8 +58,9 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]]) -> StepOutput:
         parts = [self._prepare(part) for part in self._split(batch)]
-        sampled = [i for offset, p in zip(self._offsets(parts), parts) for i in (offset + j for j in p.sampled)]
-        scored = [(offset + j, n) for offset, p in zip(self._offsets(parts), parts) for j, n in p.scored]
+        offsets = self._offsets(parts)
+        sampled = [i for offset, p in zip(offsets, parts) for i in (offset + j for j in p.sampled)]
+        scored = [(offset + j, n) for offset, p in zip(offsets, parts) for j, n in p.scored]
         if len(parts) == 1:
             p = parts[0]
             logits = [self.dense.forward(p.input_ids, p.attention, self.experts, p.logit_rows)]
@@ -74,12 +75,12 @@ class ModelRunner:
             seq.num_computed += n
         transfer = []  # what comes back to the host, as one float64 tensor
         want_logprobs = any(batch[i][0].params.logprobs for i in sampled)
+        k = max((batch[i][0].params.top_logprobs for i in sampled), default=0)  # alternatives: the most any asks
         if sampled:
             seqs = [batch[i][0] for i in sampled]
             tokens, logprobs = sample(logits[:len(sampled)], [s.params for s in seqs],
                                       [s.generator for s in seqs], want_logprobs)
             transfer += [tokens.to(torch.float64)] + ([logprobs.to(torch.float64)] if want_logprobs else [])
-            k = max(s.params.top_logprobs for s in seqs)
             if k:  # the k best of every sampled row, in the same transfer; each request keeps its own count
                 top_values, top_ids = top_logprobs(logits[:len(sampled)], k)  # [S, k] each
                 transfer += [top_ids.flatten().to(torch.float64), top_values.flatten().to(torch.float64)]
@@ -91,7 +92,6 @@ class ModelRunner:
             out.tokens[i] = int(host[j])
             out.logprobs[i] = host[len(sampled) + j] if want_logprobs else None
         offset = len(sampled) * (2 if want_logprobs else 1)
-        k = max((batch[i][0].params.top_logprobs for i in sampled), default=0)
         if k:
             out.top = [None] * len(batch)
             ids_at, values_at = offset, offset + len(sampled) * k

@@ -172,20 +172,20 @@ class MoEApi:
                                                    logprobs=event.logprobs if params.logprobs else [],
                                                    finish_reason=event.finish_reason or "")
         except Exception as e:
-            raise _api_error(e) from None
+            raise api_error(e) from None
 
     async def score(self, request: serving_pb2.ScoreRequest) -> serving_pb2.ScoreResponse:
         ids = self.validate_score(request)
         try:
             return serving_pb2.ScoreResponse(logprobs=await self.engine.score(ids))
         except Exception as e:
-            raise _api_error(e) from None
+            raise api_error(e) from None
 
     def status(self, request: serving_pb2.StatusRequest | None = None) -> serving_pb2.StatusResponse:
         return self._status()
 
 
-def _api_error(e: Exception) -> ApiError:
+def api_error(e: Exception) -> ApiError:
     """What the client is told when its request failed past validation."""
     if isinstance(e, ApiError):
         return e
@@ -200,4 +200,3 @@ def _api_error(e: Exception) -> ApiError:
     return ApiError(grpc.StatusCode.INTERNAL, f"internal error (incident {incident}); the router's log has it")
 
 
-api_error = _api_error  # public: the OpenAI-compatible API maps the engine's failures the same way (openai_choices.py)

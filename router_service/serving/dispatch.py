@@ -157,8 +157,9 @@ class RemoteExperts:
         routed = torch.bincount(ids.flatten(), minlength=self.spec.num_experts)
         with self._load_lock:
             self._load[self._layer_index[layer]] += routed
-        self._calls += 1  # read by _forward for routes' per-call draw: any value is correct, it only varies it
-        future = asyncio.run_coroutine_threadsafe(self._forward(self._routes, layer, x, ids, weights), self._loop)
+        self._calls += 1  # routes' per-call draw for whole experts
+        future = asyncio.run_coroutine_threadsafe(
+            self._forward(self._routes, layer, x, ids, weights, self._calls, routed), self._loop)
         return ExpertResult(future, device)
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -166,8 +167,8 @@ class RemoteExperts:
         with self.step():
             return self.submit(layer, x, ids, weights).result()
 
-    async def _forward(self, routes: Routes, layer, x, ids, weights) -> torch.Tensor:
-        pending = choose_groups(routes, layer, ids, self._calls, self.whole_below)  # [T, k] group of a pair; -1 done
+    async def _forward(self, routes: Routes, layer, x, ids, weights, call: int, counts) -> torch.Tensor:
+        pending = choose_groups(routes, layer, ids, call, self.whole_below, counts)  # [T, k]; -1 = done
         # a group that failed in the last DOWN_S seconds gets no pairs that have another replica,
         # so one dead group does not cost every step a failed call
         pending = avoid(routes, layer, ids, pending,
@@ -185,7 +186,7 @@ class RemoteExperts:
                 request = expert_pb2.ForwardRequest(layer=layer, hidden=encode(x[rows]), expert_ids=encode(sub_ids),
                                                     weights=encode(weights[rows].to(torch.float32)),
                                                     placement_version=routes.table.version)
-                call = self._call(g, routes.table.groups[g], request, max(0.001, deadline - loop.time()))
+                call = self._call(routes.table.groups[g], request, max(0.001, deadline - loop.time()))
                 parts[asyncio.ensure_future(call)] = (g, rows, mine)
             retry = torch.full_like(pending, -1)
             done, waiting = await asyncio.wait(parts, timeout=max(0.0, min(self.slow_s, deadline - loop.time())))
@@ -202,10 +203,9 @@ class RemoteExperts:
                 # answer may take a slow group's pairs.
                 just_failed = {parts[t][0]: t.exception() for t in done if t.exception() is not None}
                 down = {g: None for g, a in enumerate(routes.table.groups) if self._groups.unproven(a)}
-                keep = set()
+                keep, gone = set(), {**down, **failed, **just_failed, **slow}  # the same for every waiting call
                 for task in waiting:
                     g, rows, mine = parts[task]
-                    gone = {**down, **failed, **just_failed, **slow}
                     moved = self._alternative(routes, layer, ids, mine, gone, strict=False)
                     if moved is None:
                         keep.add(task)
@@ -213,7 +213,7 @@ class RemoteExperts:
                     task.cancel()
                     failed[g] = slow[g]
                     self._groups.failed(routes.table.groups[g])
-                    self._observe(g, self.slow_s, "slow")
+                    self._observe(routes.table.groups[g], self.slow_s, "slow")
                     retry[mine] = moved[mine]
                 if keep:
                     done |= (await asyncio.wait(keep))[0]
@@ -260,22 +260,22 @@ class RemoteExperts:
                                 f"{what} ({why})", public=what)
         return choice
 
-    async def _call(self, group: int, address: str, request, timeout_s: float) -> torch.Tensor:
+    async def _call(self, address: str, request, timeout_s: float) -> torch.Tensor:
         start = time.perf_counter()
         try:
             response = await self._groups.stubs[address].Forward(request, timeout=timeout_s,
                                                                  metadata=self._groups.metadata)
         except grpc.aio.AioRpcError as e:
-            self._observe(group, time.perf_counter() - start, "failed")
+            self._observe(address, time.perf_counter() - start, "failed")
             raise DispatchError(address, e.code(), e.details()) from None
-        self._observe(group, time.perf_counter() - start, "ok")
+        self._observe(address, time.perf_counter() - start, "ok")
         self._groups.answered(address)
         return decode(response.output, "output")
 
-    def _observe(self, group: int, seconds: float, outcome: str) -> None:
-        """Metrics by the group's address: a group id is an index that shifts when a group is dropped."""
+    def _observe(self, address: str, seconds: float, outcome: str) -> None:
+        """Metrics by the group's address (from the call's own routes: an index shifts when a group is dropped)."""
         if self.on_forward is not None:
-            self.on_forward(self._routes.table.groups[group], seconds, outcome)
+            self.on_forward(address, seconds, outcome)
 
     def group_stats(self, timeout_s: float = 1.0) -> dict[str, expert_pb2.StatsResponse | None]:
         """Stats of every group in the latest placement; None for a group that did not answer in time."""

@@ -13,6 +13,7 @@ tokenizer), which names the id exactly.
 """
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 
@@ -110,8 +111,10 @@ class Responses:
     def _logprobs(self, index: int, ids: list[int], logprobs: list[float], top: list) -> dict:
         tops = top if top else [[] for _ in ids]
         if self.chat:
-            entry = lambda t, lp: {"token": self.token(t), "logprob": lp,  # noqa: E731
-                                   "bytes": list(self.token(t).encode())}
+            def entry(t, lp):
+                text = self.token(t)
+                return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
             return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in alts]}
                                 for t, lp, alts in zip(ids, logprobs, tops)]}
         tokens = [self.token(t) for t in ids]
@@ -132,7 +135,7 @@ class Responses:
             return None
         ids = self.plan.prompts[p].ids
         tokens = [self.token(t) for t in ids]
-        offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
-        self._choices[index]["offset"] = sum(len(t) for t in tokens)
+        offsets = list(itertools.accumulate((len(t) for t in tokens), initial=0))  # where each token starts
+        self._choices[index]["offset"] = offsets.pop()  # the prompt's whole length
         return {"tokens": tokens, "token_logprobs": [None] + list(self.prompt_logprobs[p]),
                 "top_logprobs": [{} for _ in ids], "text_offset": offsets}

@@ -40,7 +40,6 @@ class Routes:
     table: PlacementTable
     replica_groups: dict[int, torch.Tensor]  # layer -> [E, R] group ids, padded by repeating the last
     cumulative_shares: dict[int, torch.Tensor]  # layer -> [E, R] running sum of shares, padded with 1.0
-    first_group: dict[int, torch.Tensor] = None  # layer -> [E] the group of each expert's first replica
 
 
 def _pad(values, width: int, fill) -> list:
@@ -55,21 +54,24 @@ def compile_routes(spec: ModelSpec, table: PlacementTable) -> Routes:
         groups[layer] = torch.tensor([_pad(table.replicas[s], width, table.replicas[s][-1]) for s in slots])
         running = [torch.tensor(table.shares_of(s), dtype=torch.float64).cumsum(0).tolist() for s in slots]
         cumulative[layer] = torch.tensor([_pad(r[:-1] + [1.0], width, 1.0) for r in running])  # last = 1 exactly
-    return Routes(table, groups, cumulative, {layer: g[:, 0].contiguous() for layer, g in groups.items()})
+    return Routes(table, groups, cumulative)
 
 
-def choose_groups(routes: Routes, layer: int, ids: torch.Tensor, call: int = 0, whole_below: int = 0) -> torch.Tensor:
+def choose_groups(routes: Routes, layer: int, ids: torch.Tensor, call: int = 0, whole_below: int = 0,
+                  counts: torch.Tensor | None = None) -> torch.Tensor:
     """ids [T, k] -> the group of every pair [T, k], an expert's tokens split by its replicas' shares;
-    an expert with fewer than whole_below pairs here goes whole to one replica, drawn per `call`."""
+    an expert with fewer than whole_below pairs here (counts [E], the caller's bincount of ids, or
+    counted here) goes whole to one replica, drawn per `call`."""
     if routes.replica_groups[layer].shape[1] == 1:  # one replica each: a lookup, no share math
-        return routes.first_group[layer][ids]
+        return routes.replica_groups[layer][ids, 0]
     last = routes.replica_groups[layer].shape[1] - 1
     u = ((torch.arange(ids.shape[0], dtype=torch.float64) + 0.5) * _GOLDEN) % 1.0  # [T] in (0, 1)
     cumulative = routes.cumulative_shares[layer][ids]  # [T, k, R]
     replica = (cumulative <= u[:, None, None]).sum(-1).clamp(max=last)  # [T, k]
     if whole_below > 0:
         experts = routes.cumulative_shares[layer].shape[0]
-        counts = torch.bincount(ids.flatten(), minlength=experts)  # [E] pairs per expert in this call
+        if counts is None:
+            counts = torch.bincount(ids.flatten(), minlength=experts)  # [E] pairs per expert in this call
         u_expert = ((call * experts + torch.arange(experts, dtype=torch.float64) + 0.5) * _GOLDEN) % 1.0  # [E]
         per_expert = (routes.cumulative_shares[layer] <= u_expert[:, None]).sum(-1).clamp(max=last)  # [E]
         replica = torch.where((counts < whole_below)[ids], per_expert[ids], replica)

@@ -72,3 +72,25 @@ def test_window_is_bounded():
         from experts.config import ExpertGroupConfig
 
         ExpertGroupConfig("ckpt", coalesce_window_s=1.0)
+
+
+def test_a_call_left_for_the_next_round_by_max_tokens_is_answered_too():
+    """Same layer, 6 + 6 + 2 rows queued behind a running call, max_tokens 8: the second 6 waits for
+    the next round while the 2 joins the first. The queue is handled by identity, never by comparing
+    the calls' tensors (which once raised and left calls unanswered)."""
+    compute = Compute()
+    coalescer = Coalescer(compute, max_tokens=8)
+
+    async def main():
+        first = asyncio.ensure_future(coalescer.run(("l0", "w"), *request(1, 0)))
+        await asyncio.sleep(0.05)
+        rest = [asyncio.ensure_future(coalescer.run(("l0", "w"), *request(n, start)))
+                for n, start in ((6, 10), (6, 20), (2, 30))]
+        await asyncio.sleep(0.05)
+        compute.release.set()
+        return await first, await asyncio.wait_for(asyncio.gather(*rest), 10)
+
+    first, outs = asyncio.run(main())
+    assert [n for _, n in compute.calls] == [1, 8, 6]
+    for out, (rows, start) in zip(outs, ((6, 10), (6, 20), (2, 30))):
+        assert torch.equal(out, request(rows, start)[0] * 2)

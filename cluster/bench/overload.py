@@ -26,6 +26,8 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+from cluster.bench.serving_runs import pct
+
 MAX_REQUESTS = 2000
 
 
@@ -63,15 +65,10 @@ class OverloadReport:
         ]
 
 
-def _pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
-
-
 def _percentiles(values: list[float]) -> str:
     if not values:
         return "none"
-    return " ".join(f"{name} {_pct(values, q) * 1e3:.0f} ms" for name, q in
+    return " ".join(f"{name} {pct(values, q) * 1e3:.0f} ms" for name, q in
                     (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0)))
 
 

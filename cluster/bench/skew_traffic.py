@@ -10,6 +10,8 @@ import statistics
 import threading
 import time
 
+from cluster.bench.serving_runs import pct
+
 
 class Load:
     """Streams of greedy generation; token times recorded per stream. `generate(prompt, n, emit)`
@@ -51,9 +53,8 @@ class Load:
         """(tokens/s, p99 inter-token seconds, gaps) for tokens that came in [start, end)."""
         with self._lock:
             n = sum(1 for t in self.tokens if start <= t < end)
-            gaps = sorted(g for t, g in self.gaps if start <= t < end)
-        p99 = gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))] if gaps else float("nan")
-        return n / (end - start), p99, len(gaps)
+            gaps = [g for t, g in self.gaps if start <= t < end]
+        return n / (end - start), pct(gaps, 0.99), len(gaps)
 
     def stop(self) -> None:
         self._stop.set()

@@ -11,8 +11,6 @@ Python around them. Medians; loopback only.
 """
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 
 from cluster.bench.serving_runs import median_s
@@ -26,20 +24,23 @@ def add_arguments(p) -> None:
     p.add_argument("--json", default=None, metavar="FILE", help="write the figures there as JSON")
 
 
-def codec_s(x, ids, weights, repeats: int = 200) -> dict:
-    """The wire's own cost on these tensors: both encodes and decodes of a call, and the secret check."""
+def codec_s(x, ids, weights, credentials=None, repeats: int = 200) -> dict:
+    """The wire's own cost on these tensors: both encodes and decodes of a call, and the group's own
+    secret check (SecretCheck.check) on a router's call metadata."""
+    from experts.credentials import ExpertCredentials, SecretCheck, call_metadata
     from experts.wire import decode, encode
+
+    credentials = credentials or ExpertCredentials.generate()
+    check, metadata = SecretCheck(credentials.for_group()).check, call_metadata(credentials.for_router())
 
     messages = [encode(t) for t in (x, ids, weights)]
     result = encode(x)  # the answer has x's shape
-    secret_digest = hashlib.sha256(b"x" * 43).digest()
     return {
         "encode_request_s": median_s(lambda: [encode(t) for t in (x, ids, weights)], repeats),
         "decode_request_s": median_s(lambda: [decode(m, "t") for m in messages], repeats),
         "encode_result_s": median_s(lambda: encode(x), repeats),
         "decode_result_s": median_s(lambda: decode(result, "output"), repeats),
-        "secret_check_s": median_s(lambda: hmac.compare_digest(hashlib.sha256(b"x" * 43).digest(), secret_digest),
-                                    repeats),
+        "secret_check_s": median_s(lambda: check(metadata), repeats),
     }
 
 
@@ -50,6 +51,7 @@ def run(args) -> int:
     from cluster.checkpoint.reader import Checkpoint
     from cluster.placement.table import PlacementTable
     from experts.config import ExpertGroupConfig
+    from experts.credentials import ExpertCredentials
     from experts.group import ExpertGroupActor
     from router_service.serving.dispatch import RemoteExperts
 
@@ -59,14 +61,17 @@ def run(args) -> int:
     spec = Checkpoint(args.checkpoint).spec
     layer = spec.sparse_layers[0]
     table = PlacementTable.round_robin(spec, ["pending:0"])  # every expert of every layer on the one group
+    credentials = ExpertCredentials.generate()  # as a cluster runs: every Forward carries and is checked for it
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    actor = ExpertGroupActor.remote(ExpertGroupConfig(str(args.checkpoint), table.slots_of(0), device="cpu", name="transport-0",
-                                                      cpu_threads=args.group_threads))
+    actor = ExpertGroupActor.remote(ExpertGroupConfig(str(args.checkpoint), table.slots_of(0), device="cpu",
+                                                      name="transport-0", cpu_threads=args.group_threads,
+                                                      credentials=credentials))
     report = {"checkpoint": str(args.checkpoint), "layer": layer, "hidden": spec.hidden_size, "top_k": spec.top_k,
               "calls": args.calls, "sizes": {}}
     try:
         address = ray.get(actor.start.remote(), timeout=600)
-        remote = RemoteExperts(spec, PlacementTable(1, (address,), table.replicas))
+        remote = RemoteExperts(spec, PlacementTable(1, (address,), table.replicas),
+                               credentials=credentials.for_router())
         gen = torch.Generator().manual_seed(0)
         print(f"{spec.family} {args.checkpoint}: layer {layer}, hidden {spec.hidden_size}, top-{spec.top_k} of "
               f"{spec.num_experts}; one group on its own process, {args.calls} calls per size, medians (ms)")
@@ -82,7 +87,7 @@ def run(args) -> int:
             trip = median_s(lambda: remote(layer, x, ids, weights), args.calls)
             # a mean from the group's counter, over the timed calls and median_s's one warm-up call
             compute = (remote.group_stats(10.0)[address].busy_s - busy0) / (args.calls + 1)
-            codec = codec_s(x, ids.to(torch.int32), weights)
+            codec = codec_s(x, ids.to(torch.int32), weights, credentials)
             wire = sum(v for k, v in codec.items() if k != "secret_check_s")
             rest = trip - compute - wire - codec["secret_check_s"]
             payload = 2 * x.numel() * x.element_size() + ids.numel() * 4 + weights.numel() * 4

@@ -96,6 +96,7 @@ class GroupLifecycle:
     def _create_group(self, name: str, slots, num_gpus: float):
         """A new ExpertGroupActor; it loads `slots` and serves them once start() is called."""
         cfg = self.config
+        self.metrics.group_restarts.labels(name)  # at 0 from the start: increase() sees the first restart
         group_config = ExpertGroupConfig(checkpoint=cfg.checkpoint, slots=slots, device=cfg.group_device,
                                          dtype=self.model_dtype(), host=cfg.group_host, name=name,
                                          cpu_threads=cfg.group_cpu_threads, credentials=self.credentials,

@@ -136,8 +136,6 @@ class Scaling:
         m.replicated.set(int((counts > 1).sum()))
         for name, u in obs.utilization.items():
             m.utilization.labels(name).set(u)
-        for name in self.names:
-            m.group_restarts.labels(name)  # at 0 from the start: increase() sees the first restart
         if self._answering is not None:
             live = {g for g, address in enumerate(table.groups) if address in self._answering}
             m.unserved.set(sum(1 for groups in table.replicas.values() if not live.intersection(groups)))

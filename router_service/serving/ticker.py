@@ -21,11 +21,10 @@ class Ticker:
     def __init__(self, name: str, interval_s: float, fn: Callable[[], object],
                  on_error: Callable[[str], None] | None = None):
         self.name, self.interval_s, self.fn, self.on_error = name, interval_s, fn, on_error
-        self.runs = 0  # rounds that returned
         self.errors = 0  # rounds that raised
         self._failing = False
         self._stop = threading.Event()
-        self._wake = threading.Event()
+        self._wake = threading.Event()  # set by close(): stop without waiting out the interval
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -52,15 +51,10 @@ class Ticker:
         if self._failing:
             log.info("%s works again after %d failed round(s)", self.name, self.errors)
         self._failing = False
-        self.runs += 1
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
-
-    def wake(self) -> None:
-        """Run now rather than at the end of the interval (any thread)."""
-        self._wake.set()
 
     def close(self, timeout_s: float = 5.0) -> None:
         self._stop.set()

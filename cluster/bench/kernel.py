@@ -9,6 +9,11 @@ triton-portable (the untuned defaults, for a before/after of those settings in o
 
 Defaults are Mixtral-8x7B's expert shapes (H 4096, F 14336, 8 experts, top-2, bf16),
 about 2.8 GB of weights: meant for a GPU; on CPU pass smaller --hidden/--ffn.
+
+--touch-cost: the autoscaler's touch_cost for these shapes. One expert's call time with n pairs, all
+on one slot, in the layout a group runs (prepare()), fitted as t(n) = a + b * n over --tokens by least
+squares (default 1,2,4,8,16,32,64: decode sizes): a is what a call costs for touching the expert at
+all (its weight read), b what each pair adds, and a / b the weight read in pairs.
 """
 from __future__ import annotations
 
@@ -38,8 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experts", type=int, default=8, help="experts (slots) held (default 8)")
     parser.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
     parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
-    parser.add_argument("--tokens", type=_int_list, default=[1, 4, 16, 64, 256, 1024, 4096],
-                        help="comma-separated token counts (default 1,4,16,64,256,1024,4096)")
+    parser.add_argument("--tokens", type=_int_list, default=None,
+                        help="comma-separated token counts (default 1,4,16,64,256,1024,4096; "
+                             "with --touch-cost 1,2,4,8,16,32,64)")
+    parser.add_argument("--touch-cost", action="store_true",
+                        help="fit one expert's call time as a + b * pairs with the first backend and print "
+                             "a / b, the value for the autoscaler's touch_cost")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per row; the median is shown (default 20)")
     parser.add_argument("--device", default="auto", help="cuda, cpu, or auto = cuda when available (default)")
     parser.add_argument("--backends", default="torch,triton",
@@ -89,6 +98,8 @@ def run(args) -> int:
     for name in ("hidden", "ffn", "experts", "top_k", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.touch_cost and args.tokens is not None and len(set(args.tokens)) < 2:
+        raise ValueError(f"--touch-cost fits a line: --tokens needs two different counts or more, got {args.tokens}")
     if args.top_k > args.experts:
         raise ValueError(f"--top-k ({args.top_k}) must be <= --experts ({args.experts})")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -114,6 +125,9 @@ def run(args) -> int:
 
     h, f, e = args.hidden, args.ffn, args.experts
     experts = ExpertWeights(rand(e, f, h), rand(e, f, h), rand(e, h, f))
+    if args.touch_cost:
+        return _fit_touch_cost(args, backends[0], experts, device, dtype)
+    args.tokens = args.tokens or [1, 4, 16, 64, 256, 1024, 4096]
     print(f"device {device}  dtype {args.dtype}  H {h}  F {f}  experts {e}  top-{args.top_k}  "
           f"weights {experts.nbytes / 2**30:.2f} GiB  median of {args.repeats} after {WARMUP_CALLS} warm-up")
     first = backends[0]
@@ -133,4 +147,33 @@ def run(args) -> int:
         row = [f"{ms[b]:.3f}" for b in backends] + [f"{ms[first] / ms[b]:.2f}x" for b in backends[1:]]
         row += [f"{(outs[first].float() - outs[b].float()).abs().max().item():.2e}" for b in backends[1:]]
         print(f"{tokens:>7}" + "".join(f"{c:>{width}}" for c in row))
+    return 0
+
+
+def _fit_touch_cost(args, backend: str, experts, device, dtype) -> int:
+    """t(n) = a + b * n for one expert given n pairs (see the module docstring); prints a / b."""
+    import numpy as np
+    import torch
+
+    from experts.kernels.forward import prepare
+
+    held = prepare(experts, backend) if backend != "triton-portable" else experts
+    tokens = args.tokens or [1, 2, 4, 8, 16, 32, 64]
+    print(f"device {device}  dtype {args.dtype}  H {args.hidden}  F {args.ffn}  backend {backend}  "
+          f"one expert, n pairs on it; median of {args.repeats} after {WARMUP_CALLS} warm-up")
+    print(f"{'pairs':>7}{'ms':>10}")
+    ms = []
+    for n in tokens:
+        hidden = torch.randn(n, args.hidden, device=device).to(dtype)
+        slot_ids = torch.zeros(n, 1, dtype=torch.int64, device=device)
+        weights = torch.ones(n, 1, device=device).to(dtype)
+        ms.append(_time_ms(_call(backend, hidden, slot_ids, weights, held), args.repeats, device))
+        print(f"{n:>7}{ms[-1]:>10.3f}")
+    per_pair, per_call = np.polyfit(np.array(tokens, dtype=float), np.array(ms), 1)
+    if per_pair * max(tokens) <= 1e-3 * max(ms):  # less than 0.1% over the range: noise, or a flat kernel
+        print(f"fit: {per_call:.3f} ms per call, and pairs add nothing measurable over {tokens}: "
+              "try larger --tokens; touch_cost cannot be fitted")
+        return 1
+    print(f"fit: {per_call:.3f} ms per call + {per_pair * 1e3:.2f} us per pair -> "
+          f"touch_cost {per_call / per_pair:.1f} (pairs one weight read costs)")
     return 0

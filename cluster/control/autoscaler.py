@@ -1,9 +1,10 @@
 """The autoscaler's observe and decide; the controller applies (cluster/control/controller.py).
 
     every interval_s:
-      observe  expert load [L, E] (pairs/s over window_s, from routers' telemetry),
+      observe  expert load [L, E] (pairs/s over window_s, from routers' telemetry) and the cost
+               the planner balances (pairs + touch_cost * calls that touched the expert, per s),
                group utilisation (busy seconds / window_s), the imbalance of the current
-               placement under that load (max/mean group load, load-weighted over layers)
+               placement under that cost (max/mean group cost, cost-weighted over layers)
       decide   in this order, each condition held for its sustain time, none during cooldown:
                busy  (mean utilisation > scale_up_utilization)    and G < max_groups -> add a group
                quiet (mean utilisation < scale_down_utilization) and G > min_groups -> remove the last group
@@ -45,8 +46,13 @@ class Observation:
     loads: np.ndarray  # [L, E] pairs/s per expert, L over spec.sparse_layers
     pairs: int  # (token, expert) pairs routed in the window, all routers
     utilization: dict[str, float]  # group name -> busy fraction over the window
-    imbalance: float  # of the current placement under `loads`
+    imbalance: float  # of the current placement under `cost`
     current: Placement  # the placement table in planner form, converted once per round
+    cost: np.ndarray | None = None  # [L, E] what the planner balances (AutoscalerConfig.touch_cost); None: loads
+
+    @property
+    def planned(self) -> np.ndarray:
+        return self.loads if self.cost is None else self.cost
 
     @property
     def mean_utilization(self) -> float:
@@ -78,20 +84,26 @@ class Autoscaler:
     # ---- observe ----------------------------------------------------------------------
 
     def observe(self, table: PlacementTable, group_names: list[str], now: float | None = None) -> Observation:
-        now = time.time() if now is None else now
-        window = self.config.window_s
-        load = self.telemetry.expert_load(window, now)
-        index = {layer: i for i, layer in enumerate(self.spec.sparse_layers)}
-        loads = np.zeros((len(index), self.spec.num_experts))
-        for (layer, expert), n in load.items():
-            if layer in index and 0 <= expert < self.spec.num_experts:
-                loads[index[layer], expert] += n
+        """now: for decide()'s timers, this host's clock by default; the telemetry window is read by
+        Redis' clock, which wrote its buckets (the hosts' clocks may disagree), unless now is given."""
+        window, touch_cost = self.config.window_s, self.config.touch_cost
+        loads = self._per_expert(self.telemetry.expert_load(window, now))
+        cost = loads + touch_cost * self._per_expert(self.telemetry.expert_touches(window, now)) if touch_cost else loads
         groups = self.telemetry.group_load(window, now)
         utilization = {name: min(1.0, groups[name]["busy_s"] / window) if name in groups else 0.0
                        for name in group_names}
         current = table.to_placement(self.spec, self.slots_per_group(len(table.groups)))
-        return Observation(now, loads / window, int(loads.sum()), utilization, float(current.imbalance(loads)),
-                           current)
+        return Observation(time.time() if now is None else now, loads / window, int(loads.sum()), utilization,
+                           float(current.imbalance(cost)), current, cost / window)
+
+    def _per_expert(self, counts: dict[tuple[int, int], int]) -> np.ndarray:
+        """(layer, expert) -> n as [L, E] over the sparse layers (anything else is ignored)."""
+        index = {layer: i for i, layer in enumerate(self.spec.sparse_layers)}
+        out = np.zeros((len(index), self.spec.num_experts))
+        for (layer, expert), n in counts.items():
+            if layer in index and 0 <= expert < self.spec.num_experts:
+                out[index[layer], expert] += n
+        return out
 
     # ---- decide -----------------------------------------------------------------------
 
@@ -115,14 +127,14 @@ class Autoscaler:
             return Decision(ADD_GROUP, f"mean group utilisation {obs.mean_utilization:.2f} > "
                                        f"{cfg.scale_up_utilization} for {held['busy']:.0f} s")
         if held["quiet"] >= cfg.scale_sustain_s:
-            placement = self.plan(obs.loads, current, G - 1)
+            placement = self.plan(obs.planned, current, G - 1)
             return Decision(REMOVE_GROUP, f"mean group utilisation {obs.mean_utilization:.2f} < "
                                           f"{cfg.scale_down_utilization} for {held['quiet']:.0f} s", placement)
         if held["idle"] >= cfg.sustain_s:
-            placement = self.plan(np.zeros_like(obs.loads), current, G)
+            placement = self.plan(np.zeros_like(obs.planned), current, G)
             return Decision(REBALANCE, f"no traffic for {held['idle']:.0f} s: dropping extra replicas", placement)
         if held["imbalanced"] >= cfg.sustain_s:
-            placement = self.plan(obs.loads, current, G)
+            placement = self.plan(obs.planned, current, G)
             if placement.weight_loads == 0 and _same_sets(placement, current):
                 return Decision(HOLD, f"imbalance {obs.imbalance:.2f}, but no plan gains {cfg.min_gain} or more")
             return Decision(REBALANCE, f"imbalance {obs.imbalance:.2f} > {cfg.imbalance_threshold} for "

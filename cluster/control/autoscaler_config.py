@@ -24,6 +24,10 @@ class AutoscalerConfig:
     sustain_s: float = 2.0  # a condition (imbalanced, idle, hot, cold) must hold this long before acting
     cooldown_s: float = 5.0  # after a placement change, wait this long before the next
     min_tokens: int = 64  # fewer routed (token, expert) pairs in a window count as no traffic
+    # What the planner balances: pairs + touch_cost * expert calls that sent the expert a pair or more.
+    # In decode a group's time follows the experts it reads as well as its tokens: one weight read costs
+    # about touch_cost pairs (`moectl bench kernel --touch-cost` fits it). 0: pairs alone.
+    touch_cost: float = 0.0
     min_groups: int = 1  # with max_groups set: never fewer groups than this
     max_groups: int | None = None  # None = no group scaling: the controller's num_groups stay
     scale_up_utilization: float = 0.8  # mean group busy fraction above this for scale_sustain_s adds a group
@@ -40,7 +44,7 @@ class AutoscalerConfig:
             raise ValueError(f"enabled must be true or false, got {self.enabled!r}")
         for name in ("interval_s", "window_s", "drain_timeout_s", "load_timeout_s"):
             _positive(name, getattr(self, name))
-        for name in ("sustain_s", "cooldown_s", "scale_sustain_s", "spare_slots", "min_gain"):
+        for name in ("sustain_s", "cooldown_s", "scale_sustain_s", "spare_slots", "min_gain", "touch_cost"):
             _non_negative(name, getattr(self, name))
         for name in ("imbalance_threshold", "target_imbalance"):
             value = getattr(self, name)

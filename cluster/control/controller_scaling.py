@@ -59,7 +59,6 @@ class Scaling:
                                                    self.config.health_timeout_s, self.credentials) for a in addresses),
                                        return_exceptions=True)
         self._answering = {a for a, reply in zip(addresses, replies) if not isinstance(reply, BaseException)}
-        now = time.time()
         for name, reply in zip(names, replies):
             if isinstance(reply, BaseException):
                 continue  # a group that does not answer adds nothing; check_groups repairs it
@@ -70,7 +69,7 @@ class Scaling:
             delta = {slot: n - last_tokens.get(slot, 0) for slot, n in tokens.items() if n > last_tokens.get(slot, 0)}
             self._last_stats[name] = (tokens, reply.busy_s, reply.forward_calls)
             await asyncio.to_thread(self.telemetry.record_group, name, delta, reply.busy_s - last_busy,
-                                    reply.forward_calls - last_calls, reply.queue_depth, now)
+                                    reply.forward_calls - last_calls, reply.queue_depth)  # bucket by Redis' clock
 
     async def autoscale_once(self) -> Decision:
         """One observe -> decide -> apply round (the loop calls it; tests may too)."""
@@ -166,9 +165,9 @@ class Scaling:
         return result
 
     def _loads(self) -> np.ndarray:
-        """Load [L, E] of the last observation (zeros before the first)."""
+        """What the planner balances [L, E], from the last observation (zeros before the first)."""
         if self._last_obs is not None:
-            return self._last_obs.loads
+            return self._last_obs.planned
         return np.zeros((len(self.spec.sparse_layers), self.spec.num_experts))
 
     def _current_placement(self):

@@ -1,8 +1,9 @@
 """Telemetry in Redis: expert load from routers, utilisation from groups, router heartbeats.
 
     router (every <= 100 ms) --record_router()--> one pipelined write:
-        HINCRBY {ns}:load:{b} "layer:expert" n   (each pair routed since the last flush)
-        EXPIRE  {ns}:load:{b} TTL
+        HINCRBY {ns}:load:{b} "layer:expert" n      (each pair routed since the last flush)
+        HINCRBY {ns}:touched:{b} "layer:expert" c   (calls that sent that expert one pair or more)
+        EXPIRE  {ns}:load:{b}, {ns}:touched:{b} TTL
         HSET    {ns}:routers router_id {"version": v in use, "updated_at": t, ...}
     group (every second) --record_group()-------> one pipelined write:
         HINCRBY      {ns}:group-load:{b} "group|layer:expert" n   tokens served per slot
@@ -10,13 +11,15 @@
         HINCRBY      {ns}:group-load:{b} "group|calls" n          Forward calls
         HSET         {ns}:group-load:{b} "group|queue_depth" d    Forward calls in flight, sampled
         EXPIRE       {ns}:group-load:{b} TTL
-    autoscaler --expert_load(window)/group_load(window)/routers()--> sums of the buckets in the window
+    autoscaler --expert_load(window)/expert_touches(window)/group_load(window)/routers()--> sums of the
+               buckets in the window
 
 Keys ({ns} as in cluster/state/store.py; b = int(unix time // BUCKET_S), times from Redis' own clock (TIME)):
 
 | key | type | meaning |
 |---|---|---|
 | `{ns}:load:{b}` | hash, TTL | field `"{layer}:{expert}"`: (token, expert) pairs routers sent to that expert during bucket b |
+| `{ns}:touched:{b}` | hash, TTL | field `"{layer}:{expert}"`: routers' expert calls (one per layer per micro-batch) that sent that expert at least one pair during bucket b: how often its weights were read (the autoscaler's `touch_cost`) |
 | `{ns}:group-load:{b}` | hash, TTL | per group: `"{group}\\|{layer}:{expert}"` tokens served, `"{group}\\|busy_s"`, `"{group}\\|calls"`, `"{group}\\|queue_depth"` |
 | `{ns}:routers` | hash | router id -> JSON `{"version": placement version in use, "updated_at": unix s, "metrics": "host:port" or null}`; an entry of another form, or more than a TTL in the future, is skipped with a log line and deleted |
 
@@ -52,6 +55,7 @@ class Telemetry:
         self.client = state.client
         ns = state.namespace
         self._load_prefix = f"{ns}:load:"
+        self._touched_prefix = f"{ns}:touched:"
         self._group_prefix = f"{ns}:group-load:"
         self.routers_key = f"{ns}:routers"
 
@@ -64,15 +68,17 @@ class Telemetry:
     # ---- write ----------------------------------------------------------------------
 
     def record_router(self, router_id: str, counts: dict[Slot, int], version: int, metrics: str | None = None,
-                      now: float | None = None) -> None:
-        """Add a router's routed pairs to the current bucket and refresh its heartbeat."""
+                      now: float | None = None, touched: dict[Slot, int] | None = None) -> None:
+        """Add a router's routed pairs (and the calls that touched each expert) to the current bucket
+        and refresh its heartbeat."""
         now = self.server_time() if now is None else now
-        key = self._load_prefix + str(_bucket(now))
+        bucket = str(_bucket(now))
         with self.client.pipeline(transaction=False) as pipe:
-            for (layer, expert), n in counts.items():
-                if n:
-                    pipe.hincrby(key, f"{layer}:{expert}", int(n))
-            pipe.expire(key, TTL_S)
+            for prefix, slots in ((self._load_prefix, counts), (self._touched_prefix, touched or {})):
+                for (layer, expert), n in slots.items():
+                    if n:
+                        pipe.hincrby(prefix + bucket, f"{layer}:{expert}", int(n))
+                pipe.expire(prefix + bucket, TTL_S)
             pipe.hset(self.routers_key, router_id,
                       json.dumps({"version": int(version), "updated_at": now, "metrics": metrics}))
             pipe.execute()
@@ -99,8 +105,15 @@ class Telemetry:
 
     def expert_load(self, window_s: float, now: float | None = None) -> dict[Slot, int]:
         """(layer, expert) -> pairs routed in the last window_s seconds (summed over routers)."""
+        return self._slots(self._load_prefix, window_s, now)
+
+    def expert_touches(self, window_s: float, now: float | None = None) -> dict[Slot, int]:
+        """(layer, expert) -> expert calls that sent it a pair or more in the last window_s seconds."""
+        return self._slots(self._touched_prefix, window_s, now)
+
+    def _slots(self, prefix: str, window_s: float, now: float | None) -> dict[Slot, int]:
         out: dict[Slot, int] = defaultdict(int)
-        for bucket in self._read(self._load_prefix, window_s, now):
+        for bucket in self._read(prefix, window_s, now):
             for field, n in bucket.items():
                 layer, expert = field.split(":")
                 out[(int(layer), int(expert))] += int(n)

@@ -18,7 +18,7 @@ pairs move. Without another replica the router waits for it, up to the deadline:
 Which group serves each pair (shares, retries on other replicas, avoiding down groups) is
 policy in routes.py; this file does the transport: the fan-out, deadlines and failures.
 
-Every call counts the pairs routed per expert (`take_load()`, flushed to Redis by the telemetry reporter).
+Every call counts the pairs routed per expert and whether it got any (`take_load()`, flushed to Redis).
 The engine submits a layer and waits on its result, inside step(); the gRPC calls run on one asyncio
 loop in a background thread that owns the channels (channels.py).
 """
@@ -71,7 +71,7 @@ class RemoteExperts:
         self._thread.start()
         self._groups = GroupChannels(credentials)  # used on self._loop only
         self._layer_index = {layer: i for i, layer in enumerate(spec.sparse_layers)}
-        self._load = torch.zeros(len(spec.sparse_layers), spec.num_experts, dtype=torch.int64)
+        self._load = torch.zeros(2, len(spec.sparse_layers), spec.num_experts, dtype=torch.int64)  # pairs, calls
         self._load_lock = threading.Lock()
         self._step_version: int | None = None  # the placement of the step in flight; None between steps
         self._step_depth = 0  # step() contexts open (the engine thread's)
@@ -113,12 +113,12 @@ class RemoteExperts:
         step = self._step_version
         return step if step is not None else self.pending_version
 
-    def take_load(self) -> dict[tuple[int, int], int]:
-        """(layer, expert) -> pairs routed since the last call (non-zero entries only)."""
+    def take_load(self) -> tuple[dict[tuple[int, int], int], dict[tuple[int, int], int]]:
+        """Since the last call, (layer, expert) -> pairs, and -> calls that sent it any (non-zero only)."""
         with self._load_lock:
             load, self._load = self._load, torch.zeros_like(self._load)
-        nonzero = load.nonzero().tolist()
-        return {(self.spec.sparse_layers[i], e): int(load[i, e]) for i, e in nonzero}
+        layers = self.spec.sparse_layers
+        return tuple({(layers[i], e): int(load[k, i, e]) for i, e in load[k].nonzero().tolist()} for k in (0, 1))
 
     async def _close_unused(self) -> None:
         """Channels to groups neither the placement in use nor the next one names are closed."""
@@ -156,7 +156,7 @@ class RemoteExperts:
         x, ids, weights = to_host(x), to_host(ids), to_host(weights)
         routed = torch.bincount(ids.flatten(), minlength=self.spec.num_experts)
         with self._load_lock:
-            self._load[self._layer_index[layer]] += routed
+            self._load[:, self._layer_index[layer]] += torch.stack((routed, (routed > 0).long()))
         self._calls += 1  # routes' per-call draw for whole experts
         future = asyncio.run_coroutine_threadsafe(
             self._forward(self._routes, layer, x, ids, weights, self._calls, routed), self._loop)

@@ -1,6 +1,6 @@
 """A router's telemetry: every flush_s, routed load and a heartbeat to Redis.
 
-    every flush_s (100 ms): observe  counts = experts.take_load(), version = experts.version_in_use
+    every flush_s (100 ms): observe  counts, touched = experts.take_load(), version = experts.version_in_use
                             apply    one pipelined write (cluster/state/telemetry.py)
 
 At most one write per flush_s per router, whatever the request rate. When Redis is
@@ -37,11 +37,12 @@ class TelemetryReporter:
 
     def flush(self) -> bool:
         """Write what was routed since the last flush; False when the batch had to be dropped."""
-        counts = self.experts.take_load()
+        counts, touched = self.experts.take_load()
         if self.on_flush is not None:
             self.on_flush(counts)
         try:
-            self.telemetry.record_router(self.router_id, counts, self.experts.version_in_use, self.metrics_address)
+            self.telemetry.record_router(self.router_id, counts, self.experts.version_in_use, self.metrics_address,
+                                         touched=touched)
         except Exception as e:  # redis.ConnectionError, TimeoutError, ...: never let it reach serving
             self.dropped += 1
             if self.on_drop is not None:

@@ -138,8 +138,11 @@ def test_tokens_split_by_shares_and_routed_load_is_counted(tiny_checkpoint):
         assert served[0][(layer, 0)] + served[1][(layer, 0)] == T
         assert abs(served[0][(layer, 0)] / T - 0.2) < 0.01  # low-discrepancy split: close even for few tokens
         assert served[0].get((layer, 1), 0) == 0 and served[1][(layer, 1)] == T  # a zero share gets nothing
-        assert remote.take_load() == {(layer, 0): T, (layer, 1): T}
-        assert remote.take_load() == {}  # taken: counts restart
+        assert remote.take_load() == ({(layer, 0): T, (layer, 1): T}, {(layer, 0): 1, (layer, 1): 1})  # 1 call each
+        remote(layer, torch.randn(2, ckpt.spec.hidden_size), torch.tensor([[0, 2], [0, 3]]), torch.full((2, 2), 0.5))
+        assert remote.take_load() == ({(layer, 0): 2, (layer, 2): 1, (layer, 3): 1},  # taken: counts restart
+                                      {(layer, 0): 1, (layer, 2): 1, (layer, 3): 1})  # a call touches an expert once
+        assert remote.take_load() == ({}, {})
     finally:
         remote.close()
         groups.close()

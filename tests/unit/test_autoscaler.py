@@ -43,6 +43,23 @@ def test_imbalance_must_hold_for_sustain_s_then_replicas_of_hot_experts_are_plan
     assert {e for e in range(8) if counts[:, e].max() > 1} <= {0, 2}
 
 
+def test_the_plan_balances_the_cost_not_the_pairs_when_they_differ():
+    """With touch_cost the planner balances pairs + touch_cost * calls touched (Observation.cost): here
+    experts 0 and 2 (group 0) have the pairs, but 1 and 3 (group 1) cost the most, so the plan replicates
+    those."""
+    s, t = scaler(), table()
+    loads, cost = skewed(), np.ones((2, 8))
+    cost[:, [1, 3]] = 60
+    current = t.to_placement(SHAPE, s.slots_per_group(2))
+    for now in (100.0, 102.5):
+        obs = Observation(now, loads, int(loads.sum() * 4), {"g0": 0.5, "g1": 0.5}, current.imbalance(cost), current,
+                          cost)
+        d = s.decide(obs, t)
+    assert d.action == REBALANCE
+    counts = d.placement.replica_counts(8)
+    assert {e for e in range(8) if counts[:, e].max() > 1} <= {1, 3}
+
+
 def test_a_blip_resets_the_timer_and_cooldown_holds():
     s, t = scaler(), table()
     s.decide(observe(s, t, skewed(), now=100.0), t)

@@ -101,6 +101,34 @@ def test_bench_kernel_compares_backends_and_their_outputs(capsys):
     assert "--backends must name distinct ones of torch,triton,triton-portable" in capsys.readouterr().err
 
 
+def test_bench_kernel_fits_the_touch_cost(capsys, monkeypatch):
+    """--touch-cost times one expert (all pairs on one slot) at each pair count and fits t = a + b * n.
+    The timer is replaced by a known line here (0.5 ms + 10 us per pair: touch_cost 50), so the fit is
+    checked exactly; the real timing runs in the test above. One count, or no per-pair cost, is refused."""
+    from cluster.bench import kernel
+
+    seen = []
+
+    def fake_time_ms(fn, repeats, device):
+        out = fn()  # the real kernel call, on the shapes asked for
+        seen.append(tuple(out.shape))
+        return 0.5 + 0.01 * out.shape[0]
+
+    monkeypatch.setattr(kernel, "_time_ms", fake_time_ms)
+    assert main(["bench", "kernel", "--hidden", "32", "--ffn", "48", "--dtype", "float32", "--touch-cost",
+                 "--repeats", "1", "--backends", "torch"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert seen == [(n, 32) for n in (1, 2, 4, 8, 16, 32, 64)]  # decode sizes by default
+    assert [line.split()[0] for line in lines[2:-1]] == ["1", "2", "4", "8", "16", "32", "64"]
+    assert lines[-1] == "fit: 0.500 ms per call + 10.00 us per pair -> touch_cost 50.0 (pairs one weight read costs)"
+    monkeypatch.setattr(kernel, "_time_ms", lambda fn, repeats, device: 1.0)
+    assert main(["bench", "kernel", "--hidden", "32", "--ffn", "48", "--touch-cost", "--tokens", "1,8",
+                 "--repeats", "1", "--backends", "torch"]) == 1
+    assert "pairs add nothing measurable" in capsys.readouterr().out
+    assert main(["bench", "kernel", "--touch-cost", "--tokens", "4,4"]) == 2
+    assert "--touch-cost fits a line: --tokens needs two different counts or more" in capsys.readouterr().err
+
+
 def test_bench_kernel_needs_no_redis_client():
     """A GPU box may have torch and triton but not the cluster's packages: the kernel benchmark runs."""
     code = ("import sys; sys.modules['redis'] = None  # any `import redis` now fails\n"

@@ -11,7 +11,7 @@ Reported per (R, W), medians of the repeats: tokens/s over all R routers (every 
 time from the first start to the last finish) and per router; from the groups' Stats over the round,
 the Forwards they answered, the kernel calls they made and the Forwards answered by a kernel call that
 also served another (experts/coalescer.py); and whether each router's greedy tokens equal those of the
-first setting. On a CPU machine the routers and the groups share its cores: a merged call saves the
+first setting (exit status 1 when any differ). On a CPU machine the routers and the groups share its cores: a merged call saves the
 per-call overhead only, where on a GPU a kernel call over 64 tokens costs about what one over 1 does.
 """
 from __future__ import annotations

@@ -262,4 +262,5 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
                                         tokens=self._tokens[(layer, expert)]) for layer, expert in slots],
             busy_s=self._busy_s, queue_depth=self._in_flight, forward_calls=self._forward_calls,
             device=str(self.device), dtype=NAME_OF[self.dtype], loaded_bytes=self.loaded_bytes,
-            refused_calls=self.secret_check.refused if self.secret_check else 0, loads_in_flight=self._loads_in_flight)
+            refused_calls=self.secret_check.refused if self.secret_check else 0, loads_in_flight=self._loads_in_flight,
+            kernel_calls=self.coalescer.calls, merged_calls=self.coalescer.merged)

@@ -1,4 +1,4 @@
-"""`moectl simulate` and `moectl bench kernel|serving|skew|overload|soak|transport`: wiring only, each
+"""`moectl simulate` and `moectl bench kernel|serving|skew|overload|soak|coalesce|transport`: wiring only, each
 benchmark's flags (add_arguments) and code (run) live in its module under cluster/bench."""
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ BENCHES = {
                              "then one request to show recovery"),
     "soak": ("soak", "mixed traffic for --minutes while faults strike (group kill -9, Redis restart, rebalance, "
                      "slow group, burst): failures, greedy checks, memory"),
+    "coalesce": ("coalesce", "1 and 2 router replicas sharing one pool of groups, coalescing window off and on: "
+                             "tokens/s, the groups' Forwards vs kernel calls, greedy parity"),
     "transport": ("transport", "one MoE layer's round trip to a group, split: compute, codec, secret check, and the "
                                "rest (gRPC, asyncio, Python)"),
 }

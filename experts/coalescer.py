@@ -60,9 +60,8 @@ class Coalescer:
             batch = [item for item in batch if not item.future.done()]  # a caller cancelled: not computed
             if not batch:
                 continue
-            try:
-                merged = [torch.cat(parts) for parts in zip(*(item.tensors for item in batch))]
-                out = await asyncio.to_thread(self.compute, first.key, *merged)
+            try:  # concatenated in the worker thread too: a big prefill's copy must not hold the event loop
+                out = await asyncio.to_thread(self._compute_merged, first.key, [item.tensors for item in batch])
             except Exception as e:  # every request of the call gets the error
                 for item in batch:
                     if not item.future.done():
@@ -73,3 +72,8 @@ class Coalescer:
             for item, part in zip(batch, out.split([len(item.tensors[0]) for item in batch])):
                 if not item.future.done():
                     item.future.set_result(part)
+
+    def _compute_merged(self, key, parts: list[tuple]) -> torch.Tensor:
+        """One kernel call over the rows of every request in parts (a lone request's tensors as they are)."""
+        merged = parts[0] if len(parts) == 1 else [torch.cat(tensors) for tensors in zip(*parts)]
+        return self.compute(key, *merged)

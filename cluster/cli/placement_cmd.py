@@ -33,15 +33,16 @@ def _state(args):
     return state
 
 
-def _load(state, shape: TableShape, window_s: float) -> np.ndarray:
-    """[L, E] pairs/s over the last window_s seconds."""
+def _load(state, shape: TableShape, window_s: float, touch_cost: float = 0.0) -> np.ndarray:
+    """[L, E] pairs/s over the last window_s seconds; with touch_cost, what the autoscaler would plan on:
+    pairs + touch_cost * calls that touched the expert, per second."""
+    from cluster.control.autoscaler import per_expert
     from cluster.state.telemetry import Telemetry
 
-    index = {layer: i for i, layer in enumerate(shape.sparse_layers)}
-    loads = np.zeros((len(index), shape.num_experts))
-    for (layer, expert), n in Telemetry(state).expert_load(window_s).items():
-        if layer in index and expert < shape.num_experts:
-            loads[index[layer], expert] += n
+    telemetry = Telemetry(state)
+    loads = per_expert(telemetry.expert_load(window_s), shape)
+    if touch_cost:
+        loads += touch_cost * per_expert(telemetry.expert_touches(window_s), shape)
     return loads / window_s
 
 
@@ -103,10 +104,10 @@ def cmd_plan(args) -> int:
     state = _state(args)
     table = _table(state)
     shape = TableShape.of(table)
-    cfg = AutoscalerConfig(spare_slots=args.spare_slots)
+    cfg = AutoscalerConfig(spare_slots=args.spare_slots, touch_cost=args.touch_cost)
     G = args.groups or len(table.groups)
     S = cfg.slots_per_group(shape.num_experts, G)
-    loads = _load(state, shape, args.window_s)
+    loads = _load(state, shape, args.window_s, cfg.touch_cost)
     current = table.to_placement(shape, S)
     start = time.perf_counter()
     new = plan(loads, G, S, current, PlannerConfig(target_imbalance=cfg.target_imbalance, min_gain=args.min_gain))
@@ -170,6 +171,9 @@ def add_commands(sub) -> None:
     p.add_argument("--groups", type=int, default=None, help="plan for this many groups (default: as now)")
     p.add_argument("--spare-slots", type=float, default=0.5, help="as autoscaler.spare_slots (default 0.5)")
     p.add_argument("--min-gain", type=float, default=0.05, help="as autoscaler.min_gain (default 0.05)")
+    p.add_argument("--touch-cost", type=float, default=0.0,
+                   help="as autoscaler.touch_cost: plan on pairs + this x calls that touched each expert "
+                        "(default 0: pairs alone)")
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("scale", help="set the number of replicas of one expert (applied by the controller)")

@@ -87,23 +87,15 @@ class Autoscaler:
         """now: for decide()'s timers, this host's clock by default; the telemetry window is read by
         Redis' clock, which wrote its buckets (the hosts' clocks may disagree), unless now is given."""
         window, touch_cost = self.config.window_s, self.config.touch_cost
-        loads = self._per_expert(self.telemetry.expert_load(window, now))
-        cost = loads + touch_cost * self._per_expert(self.telemetry.expert_touches(window, now)) if touch_cost else loads
+        loads = per_expert(self.telemetry.expert_load(window, now), self.spec)
+        cost = loads + touch_cost * per_expert(self.telemetry.expert_touches(window, now), self.spec) \
+            if touch_cost else loads
         groups = self.telemetry.group_load(window, now)
         utilization = {name: min(1.0, groups[name]["busy_s"] / window) if name in groups else 0.0
                        for name in group_names}
         current = table.to_placement(self.spec, self.slots_per_group(len(table.groups)))
         return Observation(time.time() if now is None else now, loads / window, int(loads.sum()), utilization,
                            float(current.imbalance(cost)), current, cost / window)
-
-    def _per_expert(self, counts: dict[tuple[int, int], int]) -> np.ndarray:
-        """(layer, expert) -> n as [L, E] over the sparse layers (anything else is ignored)."""
-        index = {layer: i for i, layer in enumerate(self.spec.sparse_layers)}
-        out = np.zeros((len(index), self.spec.num_experts))
-        for (layer, expert), n in counts.items():
-            if layer in index and 0 <= expert < self.spec.num_experts:
-                out[index[layer], expert] += n
-        return out
 
     # ---- decide -----------------------------------------------------------------------
 
@@ -157,6 +149,16 @@ class Autoscaler:
             self._since.pop(name, None)
             return 0.0
         return now - self._since.setdefault(name, now)
+
+
+def per_expert(counts: dict[tuple[int, int], int], shape) -> np.ndarray:
+    """(layer, expert) -> n as [L, E] over shape's sparse layers (anything else is ignored)."""
+    index = {layer: i for i, layer in enumerate(shape.sparse_layers)}
+    out = np.zeros((len(index), shape.num_experts))
+    for (layer, expert), n in counts.items():
+        if layer in index and 0 <= expert < shape.num_experts:
+            out[index[layer], expert] += n
+    return out
 
 
 def _same_sets(a: Placement, b: Placement) -> bool:

@@ -153,6 +153,11 @@ def test_manual_scale_while_paused_and_metrics(local_ray, tiny_checkpoint, refer
             assert f"layer {layer}" in shown and "imbalance" in shown and "...2...." in shown  # expert 3: 2 replicas
             assert main(["placement", "plan", *flags]) == 0
             assert "weight load(s)" in capsys.readouterr().out
+            wait_for(lambda: Telemetry(cluster.state).expert_touches(10.0), 15, what="touched calls in Redis")
+            assert main(["placement", "plan", "--touch-cost", "16", *flags]) == 0  # as autoscaler.touch_cost
+            assert "weight load(s)" in capsys.readouterr().out
+            assert main(["placement", "plan", "--touch-cost", "-1", *flags]) == 2
+            assert "touch_cost must be a number >= 0" in capsys.readouterr().err
             wait_for(lambda: traffic.ok >= 3, 30, what="traffic")
             assert main(["scale", "--layer", str(layer), "--expert", "3", "--replicas", "1", *flags]) == 0
             assert cluster.replica_counts()[(layer, 3)] == 1

@@ -50,7 +50,7 @@ def settings(args) -> tuple[list[int], list[float]]:
     if not all(1 <= r <= 8 for r in routers) or not all(0 <= w <= 0.1 for w in windows):
         raise ValueError(f"--routers must be in [1, 8] and --coalesce-window-s in [0, 0.1] s, got {args.routers!r}, "
                          f"{args.coalesce_window_s!r}")
-    for name in ("groups", "streams", "prompt_tokens", "new_tokens", "repeats"):
+    for name in ("groups", "group_threads", "streams", "prompt_tokens", "new_tokens", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return routers, windows

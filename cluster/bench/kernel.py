@@ -10,10 +10,11 @@ triton-portable (the untuned defaults, for a before/after of those settings in o
 Defaults are Mixtral-8x7B's expert shapes (H 4096, F 14336, 8 experts, top-2, bf16),
 about 2.8 GB of weights: meant for a GPU; on CPU pass smaller --hidden/--ffn.
 
---touch-cost: the autoscaler's touch_cost for these shapes. One expert's call time with n pairs, all
-on one slot, in the layout a group runs (prepare()), fitted as t(n) = a + b * n over --tokens by least
-squares (default 1,2,4,8,16,32,64: decode sizes): a is what a call costs for touching the expert at
-all (its weight read), b what each pair adds, and a / b the weight read in pairs.
+--touch-cost: the autoscaler's touch_cost for these shapes. A call's time with n pairs spread evenly
+over m experts (m in 1, 2, 4; n over --tokens, default 1,2,4,8,16,32,64: decode sizes), in the layout
+a group runs (prepare()), fitted as t = c + a * m + b * n by least squares: c is what any call costs
+(launches, bookkeeping), a what each expert touched adds (its weight read), b what each pair adds;
+touch_cost = a / b, the weight read in pairs.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import time
 
 DTYPES = ("bfloat16", "float16", "float32")
 BACKENDS = ("torch", "triton", "triton-portable")
+TOUCHED = (1, 2, 4)  # --touch-cost: experts a call's pairs are spread over
 WARMUP_CALLS = 10  # the first triton call per shape compiles; the rest let the GPU clocks ramp up
 
 
@@ -47,8 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated token counts (default 1,4,16,64,256,1024,4096; "
                              "with --touch-cost 1,2,4,8,16,32,64)")
     parser.add_argument("--touch-cost", action="store_true",
-                        help="fit one expert's call time as a + b * pairs with the first backend and print "
-                             "a / b, the value for the autoscaler's touch_cost")
+                        help="fit a call's time as c + a * experts touched + b * pairs with the first backend "
+                             "and print a / b, the value for the autoscaler's touch_cost")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per row; the median is shown (default 20)")
     parser.add_argument("--device", default="auto", help="cuda, cpu, or auto = cuda when available (default)")
     parser.add_argument("--backends", default="torch,triton",
@@ -99,7 +101,11 @@ def run(args) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.touch_cost and args.tokens is not None and len(set(args.tokens)) < 2:
-        raise ValueError(f"--touch-cost fits a line: --tokens needs two different counts or more, got {args.tokens}")
+        raise ValueError(f"--touch-cost fits a cost per pair: --tokens needs two different counts or more, "
+                         f"got {args.tokens}")
+    if args.touch_cost and args.experts < max(TOUCHED):
+        raise ValueError(f"--touch-cost spreads pairs over up to {max(TOUCHED)} experts: --experts must be "
+                         f">= {max(TOUCHED)}, got {args.experts}")
     if args.top_k > args.experts:
         raise ValueError(f"--top-k ({args.top_k}) must be <= --experts ({args.experts})")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -151,7 +157,7 @@ def run(args) -> int:
 
 
 def _fit_touch_cost(args, backend: str, experts, device, dtype) -> int:
-    """t(n) = a + b * n for one expert given n pairs (see the module docstring); prints a / b."""
+    """t = c + a * experts touched + b * pairs over a grid of calls (see the module docstring); prints a / b."""
     import numpy as np
     import torch
 
@@ -160,20 +166,26 @@ def _fit_touch_cost(args, backend: str, experts, device, dtype) -> int:
     held = prepare(experts, backend) if backend != "triton-portable" else experts
     tokens = args.tokens or [1, 2, 4, 8, 16, 32, 64]
     print(f"device {device}  dtype {args.dtype}  H {args.hidden}  F {args.ffn}  backend {backend}  "
-          f"one expert, n pairs on it; median of {args.repeats} after {WARMUP_CALLS} warm-up")
-    print(f"{'pairs':>7}{'ms':>10}")
-    ms = []
+          f"n pairs spread over m experts; median of {args.repeats} after {WARMUP_CALLS} warm-up")
+    print(f"{'pairs':>7}{'experts':>9}{'ms':>10}")
+    rows, ms = [], []
     for n in tokens:
-        hidden = torch.randn(n, args.hidden, device=device).to(dtype)
-        slot_ids = torch.zeros(n, 1, dtype=torch.int64, device=device)
-        weights = torch.ones(n, 1, device=device).to(dtype)
-        ms.append(_time_ms(_call(backend, hidden, slot_ids, weights, held), args.repeats, device))
-        print(f"{n:>7}{ms[-1]:>10.3f}")
-    per_pair, per_call = np.polyfit(np.array(tokens, dtype=float), np.array(ms), 1)
-    if per_pair * max(tokens) <= 1e-3 * max(ms):  # less than 0.1% over the range: noise, or a flat kernel
-        print(f"fit: {per_call:.3f} ms per call, and pairs add nothing measurable over {tokens}: "
-              "try larger --tokens; touch_cost cannot be fitted")
+        for m in (m for m in TOUCHED if m <= n):
+            hidden = torch.randn(n, args.hidden, device=device).to(dtype)
+            slot_ids = (torch.arange(n, device=device) % m)[:, None]  # [n, 1]: pair i on expert i % m
+            weights = torch.ones(n, 1, device=device).to(dtype)
+            ms.append(_time_ms(_call(backend, hidden, slot_ids, weights, held), args.repeats, device))
+            rows.append((1.0, m, n))
+            print(f"{n:>7}{m:>9}{ms[-1]:>10.3f}")
+    if len({m for _, m, _ in rows}) < 2:
+        raise ValueError(f"--touch-cost needs a token count >= 2 in --tokens to spread pairs over 2 experts, "
+                         f"got {tokens}")
+    (per_call, per_expert, per_pair), *_ = np.linalg.lstsq(np.array(rows), np.array(ms), rcond=None)
+    print(f"fit: {per_call:.3f} ms per call + {per_expert:.3f} ms per expert touched + {per_pair * 1e3:.2f} us "
+          "per pair")
+    if per_pair * max(tokens) <= 1e-3 * max(ms) or per_expert <= 0:  # noise, or a kernel flat in one of them
+        print(f"touch_cost cannot be fitted: pairs or experts add nothing measurable over {tokens} (try more "
+              "--repeats or larger --tokens)")
         return 1
-    print(f"fit: {per_call:.3f} ms per call + {per_pair * 1e3:.2f} us per pair -> "
-          f"touch_cost {per_call / per_pair:.1f} (pairs one weight read costs)")
+    print(f"touch_cost {per_expert / per_pair:.1f} (pairs one expert's weight read costs)")
     return 0

@@ -85,6 +85,8 @@ class LocalCluster:
             if self.replicas:
                 try:
                     ray.get([r.close.remote() for r in self.replicas], timeout=60)
+                except Exception as e:  # a replica that died or never started: the rest must still stop
+                    print(f"warning: closing router replicas: {e}")
                 finally:
                     for r in self.replicas:
                         ray.kill(r)

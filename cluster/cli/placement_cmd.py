@@ -36,14 +36,12 @@ def _state(args):
 def _load(state, shape: TableShape, window_s: float, touch_cost: float = 0.0) -> np.ndarray:
     """[L, E] pairs/s over the last window_s seconds; with touch_cost, what the autoscaler would plan on:
     pairs + touch_cost * calls that touched the expert, per second."""
-    from cluster.control.autoscaler import per_expert
+    from cluster.control.autoscaler import expert_cost
     from cluster.state.telemetry import Telemetry
 
     telemetry = Telemetry(state)
-    loads = per_expert(telemetry.expert_load(window_s), shape)
-    if touch_cost:
-        loads += touch_cost * per_expert(telemetry.expert_touches(window_s), shape)
-    return loads / window_s
+    _, cost = expert_cost(telemetry, shape, window_s, touch_cost, telemetry.server_time())
+    return cost / window_s
 
 
 def _table(state):

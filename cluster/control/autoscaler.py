@@ -86,11 +86,10 @@ class Autoscaler:
     def observe(self, table: PlacementTable, group_names: list[str], now: float | None = None) -> Observation:
         """now: for decide()'s timers, this host's clock by default; the telemetry window is read by
         Redis' clock, which wrote its buckets (the hosts' clocks may disagree), unless now is given."""
-        window, touch_cost = self.config.window_s, self.config.touch_cost
-        loads = per_expert(self.telemetry.expert_load(window, now), self.spec)
-        cost = loads + touch_cost * per_expert(self.telemetry.expert_touches(window, now), self.spec) \
-            if touch_cost else loads
-        groups = self.telemetry.group_load(window, now)
+        window = self.config.window_s
+        redis_now = self.telemetry.server_time() if now is None else now  # one clock reading: the same buckets
+        loads, cost = expert_cost(self.telemetry, self.spec, window, self.config.touch_cost, redis_now)
+        groups = self.telemetry.group_load(window, redis_now)
         utilization = {name: min(1.0, groups[name]["busy_s"] / window) if name in groups else 0.0
                        for name in group_names}
         current = table.to_placement(self.spec, self.slots_per_group(len(table.groups)))
@@ -151,8 +150,17 @@ class Autoscaler:
         return now - self._since.setdefault(name, now)
 
 
-def per_expert(counts: dict[tuple[int, int], int], shape) -> np.ndarray:
-    """(layer, expert) -> n as [L, E] over shape's sparse layers (anything else is ignored)."""
+def expert_cost(telemetry: Telemetry, shape, window_s: float, touch_cost: float = 0.0,
+                now: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Over the window: pairs [L, E] (shape's sparse layers), and what the planner balances, pairs +
+    touch_cost * calls that touched the expert (the same array when touch_cost is 0)."""
+    loads = _per_expert(telemetry.expert_load(window_s, now), shape)
+    if not touch_cost:
+        return loads, loads
+    return loads, loads + touch_cost * _per_expert(telemetry.expert_touches(window_s, now), shape)
+
+
+def _per_expert(counts: dict[tuple[int, int], int], shape) -> np.ndarray:
     index = {layer: i for i, layer in enumerate(shape.sparse_layers)}
     out = np.zeros((len(index), shape.num_experts))
     for (layer, expert), n in counts.items():

@@ -26,7 +26,9 @@ class AutoscalerConfig:
     min_tokens: int = 64  # fewer routed (token, expert) pairs in a window count as no traffic
     # What the planner balances: pairs + touch_cost * expert calls that sent the expert a pair or more.
     # In decode a group's time follows the experts it reads as well as its tokens: one weight read costs
-    # about touch_cost pairs (`moectl bench kernel --touch-cost` fits it). 0: pairs alone.
+    # about touch_cost pairs (`moectl bench kernel --touch-cost` fits it). 0: pairs alone. The planner
+    # splits both terms by share, which holds for weight reads only where the router sends an expert
+    # whole to one replica per call (RouterConfig.whole_expert_below above its pairs per call): set both.
     touch_cost: float = 0.0
     min_groups: int = 1  # with max_groups set: never fewer groups than this
     max_groups: int | None = None  # None = no group scaling: the controller's num_groups stay
@@ -85,10 +87,10 @@ def _is_number(v) -> bool:
 
 
 def _positive(name: str, value) -> None:
-    if not _is_number(value) or value <= 0:
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
 def _non_negative(name: str, value) -> None:
-    if not _is_number(value) or value < 0:
+    if not _is_number(value) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a number >= 0, got {value!r}")

@@ -28,7 +28,7 @@ process (tests, `moectl serve`) never collide.
 | `elasticmoe_replicas` | gauge | | autoscaler: replicas over all layers and experts |
 | `elasticmoe_replicated_experts` | gauge | | autoscaler: experts with more than one replica |
 | `elasticmoe_group_utilization` | gauge | group | autoscaler: busy fraction over the window |
-| `elasticmoe_imbalance` | gauge | | autoscaler: observed max/mean group load (1.0 = balanced) |
+| `elasticmoe_imbalance` | gauge | | autoscaler: observed max/mean group load, in pairs or, with touch_cost, pairs + touch_cost x touches (1.0 = balanced) |
 | `elasticmoe_planned_imbalance` | gauge | | autoscaler: what the last plan expected |
 | `elasticmoe_groups` | gauge | | autoscaler: expert groups serving |
 | `elasticmoe_placement_version` | gauge | | autoscaler: the published placement |
@@ -229,7 +229,8 @@ class AutoscalerMetrics:
         self.replicated = Gauge("elasticmoe_replicated_experts", "experts with more than one replica", registry=r)
         self.utilization = Gauge("elasticmoe_group_utilization", "group busy fraction over the window", ["group"],
                                  registry=r)
-        self.imbalance = Gauge("elasticmoe_imbalance", "observed max/mean group load", registry=r)
+        self.imbalance = Gauge("elasticmoe_imbalance", "observed max/mean group load (pairs, or cost with touch_cost)",
+                               registry=r)
         self.planned_imbalance = Gauge("elasticmoe_planned_imbalance", "max/mean group load the last plan expected",
                                        registry=r)
         self.groups = Gauge("elasticmoe_groups", "expert groups serving", registry=r)

@@ -21,7 +21,9 @@ def test_two_router_replicas_share_the_groups_with_the_same_greedy_tokens(tiny_c
     one, two = json.loads(out.read_text())["results"]
     assert (one["routers"], two["routers"]) == (1, 2) and len(two["per_router_tokens_per_s"]) == 2
     assert one["same_tokens"] == two["same_tokens"] == 1
-    # the replica's calls reached the groups: twice the Forwards of one router, the same prompts and steps
-    assert two["forward_calls"] == 2 * one["forward_calls"] > 0
+    # the replica's calls reached the groups: about twice the Forwards of one router (the same prompts; how
+    # the engine batches them into steps may differ a little between runs), and a 20 ms window merged some
+    assert two["forward_calls"] >= 1.5 * one["forward_calls"] > 0
+    assert two["merged_calls"] > 0
     for r in (one, two):  # each merged Forward shares its kernel call with at least one other
         assert 0 < r["kernel_calls"] <= r["forward_calls"] - r["merged_calls"] / 2

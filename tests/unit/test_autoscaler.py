@@ -55,9 +55,10 @@ def test_the_plan_balances_the_cost_not_the_pairs_when_they_differ():
         obs = Observation(now, loads, int(loads.sum() * 4), {"g0": 0.5, "g1": 0.5}, current.imbalance(cost), current,
                           cost)
         d = s.decide(obs, t)
-    assert d.action == REBALANCE
+    assert d.action == REBALANCE and d.placement.weight_loads > 0
     counts = d.placement.replica_counts(8)
-    assert {e for e in range(8) if counts[:, e].max() > 1} <= {1, 3}
+    replicated = {e for e in range(8) if counts[:, e].max() > 1}
+    assert replicated and replicated <= {1, 3}  # by pairs it would have been 0 and 2
 
 
 def test_a_blip_resets_the_timer_and_cooldown_holds():
@@ -104,3 +105,11 @@ def test_groups_scale_within_min_and_max():
 def test_config_errors_name_the_field(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         AutoscalerConfig(**bad)
+
+
+@pytest.mark.parametrize("key, value", [("touch_cost", -1.0), ("touch_cost", float("nan")), ("touch_cost", "16"),
+                                        ("window_s", float("inf")), ("cooldown_s", float("nan"))])
+def test_config_refuses_negative_and_non_finite_numbers_by_name(key, value):
+    """NaN or infinity would turn every cost and imbalance into NaN, silently: refused, naming the key."""
+    with pytest.raises(ValueError, match=f"{key} must be a"):
+        AutoscalerConfig(**{key: value})

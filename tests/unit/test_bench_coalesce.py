@@ -30,6 +30,7 @@ def test_router_counts_and_windows_are_parsed_sorted_and_once_each():
     (["--coalesce-window-s", "2ms"], "--coalesce-window-s numbers"),
     (["--streams", "0"], "--streams must be >= 1"),
     (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--group-threads", "0"], "--group-threads must be >= 1"),
 ])
 def test_bad_values_are_refused_before_anything_starts(flags, message):
     with pytest.raises(ValueError, match=message):

@@ -102,31 +102,43 @@ def test_bench_kernel_compares_backends_and_their_outputs(capsys):
 
 
 def test_bench_kernel_fits_the_touch_cost(capsys, monkeypatch):
-    """--touch-cost times one expert (all pairs on one slot) at each pair count and fits t = a + b * n.
-    The timer is replaced by a known line here (0.5 ms + 10 us per pair: touch_cost 50), so the fit is
-    checked exactly; the real timing runs in the test above. One count, or no per-pair cost, is refused."""
+    """--touch-cost times calls of n pairs spread over m experts and fits t = c + a * m + b * n. The timer
+    is replaced by a known cost (0.3 ms + 0.5 ms per expert + 10 us per pair: touch_cost 50), computed from
+    the slot ids each real call gets, so the fit is checked exactly; the real timing runs in the test
+    above. Too few counts, or no cost per expert, are refused."""
     from cluster.bench import kernel
 
     seen = []
 
-    def fake_time_ms(fn, repeats, device):
-        out = fn()  # the real kernel call, on the shapes asked for
-        seen.append(tuple(out.shape))
-        return 0.5 + 0.01 * out.shape[0]
+    real_call = kernel._call
 
-    monkeypatch.setattr(kernel, "_time_ms", fake_time_ms)
+    def fake_call(backend, hidden, slot_ids, weights, experts):
+        kernel_call = real_call(backend, hidden, slot_ids, weights, experts)
+
+        def call():
+            assert kernel_call().shape == hidden.shape  # the real kernel runs, on the shapes asked for
+            n, m = len(slot_ids), len(set(slot_ids.flatten().tolist()))
+            seen.append((n, m))
+            return 0.3 + 0.5 * m + 0.01 * n
+        return call
+
+    monkeypatch.setattr(kernel, "_call", fake_call)
+    monkeypatch.setattr(kernel, "_time_ms", lambda fn, repeats, device: fn())
     assert main(["bench", "kernel", "--hidden", "32", "--ffn", "48", "--dtype", "float32", "--touch-cost",
                  "--repeats", "1", "--backends", "torch"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert seen == [(n, 32) for n in (1, 2, 4, 8, 16, 32, 64)]  # decode sizes by default
-    assert [line.split()[0] for line in lines[2:-1]] == ["1", "2", "4", "8", "16", "32", "64"]
-    assert lines[-1] == "fit: 0.500 ms per call + 10.00 us per pair -> touch_cost 50.0 (pairs one weight read costs)"
-    monkeypatch.setattr(kernel, "_time_ms", lambda fn, repeats, device: 1.0)
+    grid = [(n, m) for n in (1, 2, 4, 8, 16, 32, 64) for m in (1, 2, 4) if m <= n]  # decode sizes by default
+    assert seen == grid and [tuple(map(int, line.split()[:2])) for line in lines[2:-2]] == grid
+    assert lines[-2] == "fit: 0.300 ms per call + 0.500 ms per expert touched + 10.00 us per pair"
+    assert lines[-1] == "touch_cost 50.0 (pairs one expert's weight read costs)"
+    monkeypatch.setattr(kernel, "_time_ms", lambda fn, repeats, device: 1.0 + 0 * fn())  # flat: nothing to fit
     assert main(["bench", "kernel", "--hidden", "32", "--ffn", "48", "--touch-cost", "--tokens", "1,8",
                  "--repeats", "1", "--backends", "torch"]) == 1
-    assert "pairs add nothing measurable" in capsys.readouterr().out
+    assert "touch_cost cannot be fitted" in capsys.readouterr().out
     assert main(["bench", "kernel", "--touch-cost", "--tokens", "4,4"]) == 2
-    assert "--touch-cost fits a line: --tokens needs two different counts or more" in capsys.readouterr().err
+    assert "--touch-cost fits a cost per pair: --tokens needs two different counts or more" in capsys.readouterr().err
+    assert main(["bench", "kernel", "--touch-cost", "--experts", "2"]) == 2
+    assert "--experts must be >= 4" in capsys.readouterr().err
 
 
 def test_bench_kernel_needs_no_redis_client():

@@ -6,8 +6,10 @@
 One expert group (a Ray actor of its own, holding every expert), one layer, --tokens tokens, the
 same call --calls times through RemoteExperts, as the engine makes it. The group's compute comes
 from its own counter (Stats.busy_s); the codec and the secret check are timed here on the same
-tensors with the same functions; what is left of the round trip is gRPC, asyncio hand-offs and the
-Python around them. Medians; loopback only.
+tensors with the same functions. What is left of the round trip splits into the gRPC floor (a bare
+unary call carrying the same request bytes both ways to a process of its own, grpc_floor.py) and the
+Python around the call on both sides (asyncio hand-offs, routing, checks, combining). Medians;
+loopback only.
 """
 from __future__ import annotations
 
@@ -47,12 +49,15 @@ def codec_s(x, ids, weights, credentials=None, repeats: int = 200) -> dict:
 def run(args) -> int:
     import ray
     import torch
+    from elasticmoe.v1 import expert_pb2
 
+    from cluster.bench.grpc_floor import floor_s, start_echo
     from cluster.checkpoint.reader import Checkpoint
     from cluster.placement.table import PlacementTable
     from experts.config import ExpertGroupConfig
     from experts.credentials import ExpertCredentials
     from experts.group import ExpertGroupActor
+    from experts.wire import encode
     from router_service.serving.dispatch import RemoteExperts
 
     sizes = [int(t) for t in str(args.tokens).split(",")]
@@ -68,15 +73,17 @@ def run(args) -> int:
                                                       credentials=credentials))
     report = {"checkpoint": str(args.checkpoint), "layer": layer, "hidden": spec.hidden_size, "top_k": spec.top_k,
               "calls": args.calls, "sizes": {}}
+    echo = None
     try:
         address = ray.get(actor.start.remote(), timeout=600)
+        echo, echo_address = start_echo()
         remote = RemoteExperts(spec, PlacementTable(1, (address,), table.replicas),
                                credentials=credentials.for_router())
         gen = torch.Generator().manual_seed(0)
         print(f"{spec.family} {args.checkpoint}: layer {layer}, hidden {spec.hidden_size}, top-{spec.top_k} of "
               f"{spec.num_experts}; one group on its own process, {args.calls} calls per size, medians (ms)")
         print(f"  {'tokens':>6} {'round trip':>10} {'compute':>8} {'codec':>7} {'secret':>7} {'rest':>7} "
-              f"{'payload KiB':>11}")
+              f"{'gRPC':>6} {'Python':>7} {'payload KiB':>11}")
         for t in sizes:
             x = torch.randn(t, spec.hidden_size, generator=gen)
             ids = torch.stack([torch.randperm(spec.num_experts, generator=gen)[:spec.top_k] for _ in range(t)])
@@ -91,14 +98,21 @@ def run(args) -> int:
             wire = sum(v for k, v in codec.items() if k != "secret_check_s")
             rest = trip - compute - wire - codec["secret_check_s"]
             payload = 2 * x.numel() * x.element_size() + ids.numel() * 4 + weights.numel() * 4
-            report["sizes"][t] = {"round_trip_s": trip, "compute_s": compute, "rest_s": rest,
+            request = expert_pb2.ForwardRequest(layer=layer, hidden=encode(x), expert_ids=encode(ids.to(torch.int32)),
+                                                weights=encode(weights)).SerializeToString()
+            grpc_s = floor_s(echo_address, request, args.calls)
+            report["sizes"][t] = {"round_trip_s": trip, "compute_s": compute, "rest_s": rest, "grpc_floor_s": grpc_s,
                                   "payload_bytes": payload, **codec}
             print(f"  {t:>6} {trip * 1e3:>10.2f} {compute * 1e3:>8.2f} {wire * 1e3:>7.3f} "
-                  f"{codec['secret_check_s'] * 1e3:>7.4f} {rest * 1e3:>7.2f} {payload / 1024:>11.1f}")
-        print("  rest = round trip - compute - codec - secret: gRPC, asyncio hand-offs, routing and combining")
+                  f"{codec['secret_check_s'] * 1e3:>7.4f} {rest * 1e3:>7.2f} {grpc_s * 1e3:>6.2f} "
+                  f"{(rest - grpc_s) * 1e3:>7.2f} {payload / 1024:>11.1f}")
+        print("  rest = round trip - compute - codec - secret = gRPC (a bare call with the same bytes) + Python "
+              "(asyncio hand-offs, routing, checks, combining)")
         remote.close()
     finally:
-        ray.kill(actor)
+        for a in (actor, echo):
+            if a is not None:
+                ray.kill(a)
         ray.shutdown()
     if args.json:
         with open(args.json, "w") as f:

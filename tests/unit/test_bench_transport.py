@@ -25,3 +25,34 @@ def test_out_of_range_arguments_are_refused_before_anything_starts(flags, tmp_pa
     add_arguments(p)
     with pytest.raises(ValueError, match="--tokens must be in \\[1, 4096\\] and --calls in \\[20, 10000\\]"):
         run(p.parse_args(["--checkpoint", str(tmp_path), *flags]))
+
+
+def test_the_grpc_floor_echoes_the_bytes_back_and_times_a_bare_call():
+    """The floor's server answers with the very bytes it got (so the call carries them both ways), and
+    floor_s times real calls to it. Here the server runs on a loop in a thread of this process; the
+    benchmark starts it as a Ray actor, a process of its own."""
+    import asyncio
+    import threading
+
+    from grpc import aio
+
+    from cluster.bench.grpc_floor import METHOD, _Echo, floor_s
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    echo = _Echo()
+    try:
+        address = asyncio.run_coroutine_threadsafe(echo.start(), loop).result(timeout=30)
+
+        async def once(payload: bytes) -> bytes:
+            async with aio.insecure_channel(address) as channel:
+                return await channel.unary_unary(METHOD)(payload)
+
+        payload = bytes(range(256)) * 64
+        assert asyncio.run(once(payload)) == payload
+        assert floor_s(address, payload, calls=20) > 0
+    finally:
+        asyncio.run_coroutine_threadsafe(echo.server.stop(0), loop).result(timeout=30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)

@@ -96,7 +96,7 @@ class Controller(GroupLifecycle, GroupRepair, Scaling, ManualRequests):
         self._retiring: list[Retiring] = []  # groups removed by a scale-down, alive until no router uses them
         self._answering: set[str] | None = None  # group addresses that answered Stats in the last round
         self.gpu_requests = GpuRequests(on_change=self.metrics.gpu_request_bundles.set)  # gpu_requests.py
-        self._last_stats: dict[str, tuple[dict, float, int]] = {}  # group name -> Stats counters last seen
+        self._last_stats: dict[str, tuple[dict, float, tuple]] = {}  # group -> Stats counters last seen
         self._last_obs: Observation | None = None  # the last autoscaler round's, with its decision: for status()
         self.last_decision: Decision | None = None
         self.last_rebalance: dict | None = None

@@ -96,7 +96,9 @@ class GroupLifecycle:
     def _create_group(self, name: str, slots, num_gpus: float):
         """A new ExpertGroupActor; it loads `slots` and serves them once start() is called."""
         cfg = self.config
-        self.metrics.group_restarts.labels(name)  # at 0 from the start: increase() sees the first restart
+        for counter in (self.metrics.group_restarts, self.metrics.group_forwards, self.metrics.group_kernel_calls,
+                        self.metrics.group_coalesced):
+            counter.labels(name)  # at 0 from the start: increase() sees the first event
         group_config = ExpertGroupConfig(checkpoint=cfg.checkpoint, slots=slots, device=cfg.group_device,
                                          dtype=self.model_dtype(), host=cfg.group_host, name=name,
                                          cpu_threads=cfg.group_cpu_threads, credentials=self.credentials,

@@ -63,13 +63,17 @@ class Scaling:
             if isinstance(reply, BaseException):
                 continue  # a group that does not answer adds nothing; check_groups repairs it
             tokens = {(s.slot.layer, s.slot.expert): s.tokens for s in reply.slots}
-            last_tokens, last_busy, last_calls = self._last_stats.get(name, ({}, 0.0, 0))
-            if reply.busy_s < last_busy or reply.forward_calls < last_calls:  # restarted: counters from zero
-                last_tokens, last_busy, last_calls = {}, 0.0, 0
+            counts = (reply.forward_calls, reply.kernel_calls, reply.merged_calls)
+            last_tokens, last_busy, last_counts = self._last_stats.get(name, ({}, 0.0, (0, 0, 0)))
+            if reply.busy_s < last_busy or any(n < last for n, last in zip(counts, last_counts)):  # restarted
+                last_tokens, last_busy, last_counts = {}, 0.0, (0, 0, 0)
             delta = {slot: n - last_tokens.get(slot, 0) for slot, n in tokens.items() if n > last_tokens.get(slot, 0)}
-            self._last_stats[name] = (tokens, reply.busy_s, reply.forward_calls)
+            self._last_stats[name] = (tokens, reply.busy_s, counts)
+            m = self.metrics
+            for counter, n, last in zip((m.group_forwards, m.group_kernel_calls, m.group_coalesced), counts, last_counts):
+                counter.labels(name).inc(n - last)  # Prometheus: how much coalescing happens, per group
             await asyncio.to_thread(self.telemetry.record_group, name, delta, reply.busy_s - last_busy,
-                                    reply.forward_calls - last_calls, reply.queue_depth)  # bucket by Redis' clock
+                                    counts[0] - last_counts[0], reply.queue_depth)  # bucket by Redis' clock
 
     async def autoscale_once(self) -> Decision:
         """One observe -> decide -> apply round (the loop calls it; tests may too)."""

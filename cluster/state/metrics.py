@@ -28,6 +28,9 @@ process (tests, `moectl serve`) never collide.
 | `elasticmoe_replicas` | gauge | | autoscaler: replicas over all layers and experts |
 | `elasticmoe_replicated_experts` | gauge | | autoscaler: experts with more than one replica |
 | `elasticmoe_group_utilization` | gauge | group | autoscaler: busy fraction over the window |
+| `elasticmoe_group_forwards_total` | counter | group | autoscaler: Forward calls a group served (from its Stats) |
+| `elasticmoe_group_kernel_calls_total` | counter | group | autoscaler: its expert kernel calls: fewer than its Forwards when calls were coalesced |
+| `elasticmoe_group_coalesced_forwards_total` | counter | group | autoscaler: its Forwards answered by a kernel call that also served another |
 | `elasticmoe_imbalance` | gauge | | autoscaler: observed max/mean group load, in pairs or, with touch_cost, pairs + touch_cost x touches (1.0 = balanced) |
 | `elasticmoe_planned_imbalance` | gauge | | autoscaler: what the last plan expected |
 | `elasticmoe_groups` | gauge | | autoscaler: expert groups serving |
@@ -229,6 +232,12 @@ class AutoscalerMetrics:
         self.replicated = Gauge("elasticmoe_replicated_experts", "experts with more than one replica", registry=r)
         self.utilization = Gauge("elasticmoe_group_utilization", "group busy fraction over the window", ["group"],
                                  registry=r)
+        self.group_forwards = Counter("elasticmoe_group_forwards", "Forward calls a group served", ["group"],
+                                      registry=r)
+        self.group_kernel_calls = Counter("elasticmoe_group_kernel_calls", "expert kernel calls a group made",
+                                          ["group"], registry=r)
+        self.group_coalesced = Counter("elasticmoe_group_coalesced_forwards", "Forwards answered by a kernel call "
+                                       "that also served another", ["group"], registry=r)
         self.imbalance = Gauge("elasticmoe_imbalance", "observed max/mean group load (pairs, or cost with touch_cost)",
                                registry=r)
         self.planned_imbalance = Gauge("elasticmoe_planned_imbalance", "max/mean group load the last plan expected",

@@ -172,8 +172,12 @@ def test_manual_scale_while_paused_and_metrics(local_ray, tiny_checkpoint, refer
             address = cluster.status()["metrics"]
             scaler_metrics = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
             for name in ("elasticmoe_imbalance", "elasticmoe_rebalances_total", "elasticmoe_weights_moved_total",
-                         "elasticmoe_group_utilization", "elasticmoe_replicas"):
+                         "elasticmoe_group_utilization", "elasticmoe_replicas", "elasticmoe_group_kernel_calls_total",
+                         "elasticmoe_group_coalesced_forwards_total"):
                 assert name in scaler_metrics, name
+            forwards = [float(line.rsplit(" ", 1)[1]) for line in scaler_metrics.splitlines()
+                        if line.startswith("elasticmoe_group_forwards_total{")]
+            assert len(forwards) == 2 and all(n > 0 for n in forwards)  # both groups served the traffic
             assert 'elasticmoe_rebalances_total{result="finished"} 2.0' in scaler_metrics
         finally:
             if traffic is not None:

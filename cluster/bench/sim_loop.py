@@ -152,7 +152,7 @@ def _observe(t, window, window_s, names, current: Placement, c: SimConfig) -> Ob
     passes_s = loads.sum() / c.layers / c.top_k / c.pass_tokens
     busy = current.group_loads(loads).sum(axis=0) * c.pair_s + passes_s * c.layers * c.layer_overhead_us * 1e-6
     utilization = {name: float(min(1.0, b)) for name, b in zip(names, busy)}
-    return Observation(t, loads, pairs, utilization, float(current.imbalance(loads)), current)
+    return Observation(t, loads, pairs, utilization, float(current.imbalance(loads)), current, loads)  # pairs alone
 
 
 def _derived(c: SimConfig) -> dict:

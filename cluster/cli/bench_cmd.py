@@ -15,8 +15,8 @@ BENCHES = {
                      "slow group, burst): failures, greedy checks, memory"),
     "coalesce": ("coalesce", "1 and 2 router replicas sharing one pool of groups, coalescing window off and on: "
                              "tokens/s, the groups' Forwards vs kernel calls, greedy parity"),
-    "transport": ("transport", "one MoE layer's round trip to a group, split: compute, codec, secret check, and the "
-                               "rest (gRPC, asyncio, Python)"),
+    "transport": ("transport", "one MoE layer's round trip to a group, split: compute, codec, secret check, the "
+                               "gRPC floor (a bare call, same bytes) and the Python around it"),
 }
 
 

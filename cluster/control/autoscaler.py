@@ -48,11 +48,7 @@ class Observation:
     utilization: dict[str, float]  # group name -> busy fraction over the window
     imbalance: float  # of the current placement under `cost`
     current: Placement  # the placement table in planner form, converted once per round
-    cost: np.ndarray | None = None  # [L, E] what the planner balances (AutoscalerConfig.touch_cost); None: loads
-
-    @property
-    def planned(self) -> np.ndarray:
-        return self.loads if self.cost is None else self.cost
+    cost: np.ndarray  # [L, E] per s, what the planner balances: `loads`, plus AutoscalerConfig.touch_cost's term
 
     @property
     def mean_utilization(self) -> float:
@@ -118,14 +114,14 @@ class Autoscaler:
             return Decision(ADD_GROUP, f"mean group utilisation {obs.mean_utilization:.2f} > "
                                        f"{cfg.scale_up_utilization} for {held['busy']:.0f} s")
         if held["quiet"] >= cfg.scale_sustain_s:
-            placement = self.plan(obs.planned, current, G - 1)
+            placement = self.plan(obs.cost, current, G - 1)
             return Decision(REMOVE_GROUP, f"mean group utilisation {obs.mean_utilization:.2f} < "
                                           f"{cfg.scale_down_utilization} for {held['quiet']:.0f} s", placement)
         if held["idle"] >= cfg.sustain_s:
-            placement = self.plan(np.zeros_like(obs.planned), current, G)
+            placement = self.plan(np.zeros_like(obs.cost), current, G)
             return Decision(REBALANCE, f"no traffic for {held['idle']:.0f} s: dropping extra replicas", placement)
         if held["imbalanced"] >= cfg.sustain_s:
-            placement = self.plan(obs.planned, current, G)
+            placement = self.plan(obs.cost, current, G)
             if placement.weight_loads == 0 and _same_sets(placement, current):
                 return Decision(HOLD, f"imbalance {obs.imbalance:.2f}, but no plan gains {cfg.min_gain} or more")
             return Decision(REBALANCE, f"imbalance {obs.imbalance:.2f} > {cfg.imbalance_threshold} for "

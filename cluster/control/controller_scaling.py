@@ -171,7 +171,7 @@ class Scaling:
     def _loads(self) -> np.ndarray:
         """What the planner balances [L, E], from the last observation (zeros before the first)."""
         if self._last_obs is not None:
-            return self._last_obs.planned
+            return self._last_obs.cost
         return np.zeros((len(self.spec.sparse_layers), self.spec.num_experts))
 
     def _current_placement(self):

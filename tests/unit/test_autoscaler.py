@@ -20,7 +20,7 @@ def observe(scaler: Autoscaler, t: PlacementTable, loads, now: float, util: floa
     loads = np.asarray(loads, dtype=float)
     current = t.to_placement(SHAPE, scaler.slots_per_group(len(t.groups)))
     return Observation(now, loads, int(loads.sum() * scaler.config.window_s),
-                       {f"g{g}": util for g in range(len(t.groups))}, current.imbalance(loads), current)
+                       {f"g{g}": util for g in range(len(t.groups))}, current.imbalance(loads), current, loads)
 
 
 def skewed() -> np.ndarray:

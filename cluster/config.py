@@ -1,4 +1,5 @@
-"""Build a typed config dataclass from a plain dict (YAML, JSON, serveConfigV2)."""
+"""Build a typed config dataclass from a plain dict (YAML, JSON, serveConfigV2); the int check every
+config and record validator shares."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,3 +13,8 @@ def config_from_dict(cls, d: dict):
         if key not in known:
             raise ValueError(f"unknown {cls.__name__} key {key!r} (known: {', '.join(sorted(known))})")
     return cls(**d)
+
+
+def is_int(v) -> bool:
+    """An int that is not a bool (True would pass isinstance(v, int) and count as 1)."""
+    return isinstance(v, int) and not isinstance(v, bool)

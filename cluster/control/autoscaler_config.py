@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from cluster.config import config_from_dict
+from cluster.config import config_from_dict, is_int
 
 
 @dataclass
@@ -52,18 +52,18 @@ class AutoscalerConfig:
             value = getattr(self, name)
             if not _is_number(value) or value < 1.0:
                 raise ValueError(f"{name} must be a number >= 1.0 (max/mean group load), got {value!r}")
-        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+        if not is_int(self.min_tokens) or self.min_tokens < 0:
             raise ValueError(f"min_tokens must be an int >= 0, got {self.min_tokens!r}")
-        if not _is_int(self.min_groups) or self.min_groups < 1:
+        if not is_int(self.min_groups) or self.min_groups < 1:
             raise ValueError(f"min_groups must be an int >= 1, got {self.min_groups!r}")
-        if self.max_groups is not None and (not _is_int(self.max_groups) or self.max_groups < self.min_groups):
+        if self.max_groups is not None and (not is_int(self.max_groups) or self.max_groups < self.min_groups):
             raise ValueError(f"max_groups must be None or an int >= min_groups ({self.min_groups}), "
                              f"got {self.max_groups!r}")
         for name in ("scale_up_utilization", "scale_down_utilization"):
             value = getattr(self, name)
             if not _is_number(value) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a fraction in [0, 1], got {value!r}")
-        if self.metrics_port is not None and (not _is_int(self.metrics_port) or not 0 <= self.metrics_port <= 65535):
+        if self.metrics_port is not None and (not is_int(self.metrics_port) or not 0 <= self.metrics_port <= 65535):
             raise ValueError(f"metrics_port must be None (off) or an int in [0, 65535], got {self.metrics_port!r}")
         if self.scale_down_utilization >= self.scale_up_utilization:
             raise ValueError(f"scale_down_utilization ({self.scale_down_utilization}) must be below "
@@ -76,10 +76,6 @@ class AutoscalerConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "AutoscalerConfig":
         return config_from_dict(cls, d)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_number(v) -> bool:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from cluster.config import config_from_dict
+from cluster.config import config_from_dict, is_int
 from cluster.control.autoscaler_config import AutoscalerConfig
 from cluster.state.store import check_url
 from experts.config import DEVICES, DTYPES
@@ -62,7 +62,7 @@ class ControllerConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.checkpoint, str) or not self.checkpoint:
             raise ValueError(f"checkpoint must be a non-empty path string, got {self.checkpoint!r}")
-        if not _is_int(self.num_groups) or self.num_groups < 1:
+        if not is_int(self.num_groups) or self.num_groups < 1:
             raise ValueError(f"num_groups must be an int >= 1, got {self.num_groups!r}")
         if self.redis_url is not None:
             check_url(self.redis_url)
@@ -84,7 +84,7 @@ class ControllerConfig:
         if self.num_gpus_per_group is not None and (not _is_number(self.num_gpus_per_group)
                                                     or self.num_gpus_per_group < 0):
             raise ValueError(f"num_gpus_per_group must be None (auto) or a number >= 0, got {self.num_gpus_per_group!r}")
-        if not _is_int(self.max_group_restarts) or self.max_group_restarts < -1:
+        if not is_int(self.max_group_restarts) or self.max_group_restarts < -1:
             raise ValueError(f"max_group_restarts must be an int >= -1 (-1 = unlimited), got {self.max_group_restarts!r}")
         for key in ("group_start_timeout_s", "health_timeout_s"):
             value = getattr(self, key)
@@ -143,10 +143,6 @@ class ControllerConfig:
                 raise ValueError(f"expert_secret_env: ${self.expert_secret_env} is unset or empty here")
         tls = ExpertTLS.from_dict(self.expert_tls) if self.expert_tls else None
         return ExpertCredentials(secret, tls) if secret else ExpertCredentials.generate(tls)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_number(v) -> bool:

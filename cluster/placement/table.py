@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 from cluster.checkpoint.spec import ModelSpec
+from cluster.config import is_int
 
 # Bounds on what a table may hold, checked on every table read (check_form): routers dial its
 # addresses and size arrays by it, so one written by someone else must not reach further than this.
@@ -24,10 +25,6 @@ _ADDRESS = re.compile(r"(?:\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0
 
 class PlacementError(ValueError):
     """A placement table that cannot serve the model; the message names the expert."""
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def address_problem(address) -> str | None:
@@ -79,7 +76,7 @@ class PlacementTable:
         """What any table must be, whatever the model: a version in [0, MAX_VERSION], at most MAX_GROUPS
         groups at host:port addresses and MAX_SLOTS rows, replicas on distinct groups that exist, and
         finite non-negative shares summing to 1. Raises PlacementError naming the field."""
-        if not _is_int(self.version) or not 0 <= self.version <= MAX_VERSION:
+        if not is_int(self.version) or not 0 <= self.version <= MAX_VERSION:
             raise PlacementError(f"version must be an int in [0, 2**53], got {self.version!r:.40}")
         if len(self.groups) > MAX_GROUPS or len(self.replicas) > MAX_SLOTS:
             raise PlacementError(f"{len(self.groups)} groups and {len(self.replicas)} rows: at most {MAX_GROUPS} "
@@ -90,9 +87,9 @@ class PlacementTable:
         if not set(self.shares) <= set(self.replicas):
             raise PlacementError("shares name a (layer, expert) that has no replicas")
         for (layer, expert), gs in self.replicas.items():
-            if not (_is_int(layer) and _is_int(expert) and layer >= 0 and expert >= 0):
+            if not (is_int(layer) and is_int(expert) and layer >= 0 and expert >= 0):
                 raise PlacementError(f"(layer, expert) ({layer!r:.20}, {expert!r:.20}) must be two ints >= 0")
-            if not gs or not all(_is_int(g) and 0 <= g < len(self.groups) for g in gs):
+            if not gs or not all(is_int(g) and 0 <= g < len(self.groups) for g in gs):
                 raise PlacementError(f"expert {expert} of layer {layer} names no group or a group outside "
                                      f"[0, {len(self.groups) - 1}]")
             if len(set(gs)) != len(gs):
@@ -168,7 +165,7 @@ class PlacementTable:
                 raise PlacementError(f"a row must be [layer, expert, [group ids]] or with [shares] after, "
                                      f"got {row!r:.80}")
             key = (row[0], row[1])
-            if key in replicas or not all(map(_is_int, key)):
+            if key in replicas or not all(map(is_int, key)):
                 raise PlacementError(f"row ({row[0]!r:.20}, {row[1]!r:.20}) is repeated or not two ints")
             replicas[key] = tuple(row[2])
             if len(row) > 3:

@@ -21,7 +21,8 @@ import json
 import logging
 import math
 
-from cluster.placement.table import MAX_VERSION, PlacementTable, _is_int, address_problem
+from cluster.config import is_int
+from cluster.placement.table import MAX_VERSION, PlacementTable, address_problem
 
 log = logging.getLogger("cluster.state.store")
 
@@ -79,7 +80,7 @@ def group_entry(text: str) -> dict:
         raise ValueError(f"address {problem}")
     slots = d.get("slots")
     if not isinstance(slots, list) or not all(isinstance(s, list) and len(s) == 2
-                                              and all(_is_int(v) and v >= 0 for v in s) for s in slots):
+                                              and all(is_int(v) and v >= 0 for v in s) for s in slots):
         raise ValueError("slots must be a list of [layer, expert] pairs of ints >= 0")
     if not _number(d.get("updated_at")):
         raise ValueError("updated_at must be a finite number of unix seconds")
@@ -90,7 +91,7 @@ def heartbeat(text: str, now: float, max_age_s: float) -> dict:
     """{"version": placement version in use, "updated_at": unix s, "metrics": "host:port" or None}. A time
     more than max_age_s ahead of `now` is refused: it would count as fresh for ever."""
     d = _object(text)
-    if not _is_int(d.get("version")) or not 0 <= d["version"] <= MAX_VERSION:
+    if not is_int(d.get("version")) or not 0 <= d["version"] <= MAX_VERSION:
         raise ValueError(f"version must be an int in [0, 2**53], got {d.get('version')!r:.40}")
     if not _number(d.get("updated_at")):
         raise ValueError("updated_at must be a finite number of unix seconds")
@@ -102,7 +103,7 @@ def heartbeat(text: str, now: float, max_age_s: float) -> dict:
 
 
 # autoscaler status: field -> what its value must be (None allowed for every one); others pass unread
-_STATUS = {"version": _is_int, "groups": _is_int, "enabled": lambda v: isinstance(v, bool),
+_STATUS = {"version": is_int, "groups": is_int, "enabled": lambda v: isinstance(v, bool),
            "paused": lambda v: isinstance(v, bool), "imbalance": _number, "pairs_per_s": _number,
            "updated_at": _number, "metrics": lambda v: address_problem(v) is None,
            "utilization": lambda v: isinstance(v, dict) and all(_number(u) for u in v.values()),
@@ -112,7 +113,7 @@ _STATUS = {"version": _is_int, "groups": _is_int, "enabled": lambda v: isinstanc
                                                                    ("result", "reason", "error"))
            and all(_number(v.get(k, 0)) for k in ("from_version", "to_version", "seconds", "weights_loaded",
                                                   "unloaded", "started_at"))
-           and _is_int(v.get("to_version", 0))}
+           and is_int(v.get("to_version", 0))}
 
 
 def autoscaler_status(text: str) -> dict:
